@@ -1,0 +1,165 @@
+"""Tokenize FineWeb-Edu (or your own text) into GPT-2 token shards, as build-nanogpt's fineweb.py.
+
+The first `val_tokens` tokens' worth of whole documents become `<prefix>_val_000000.npy`; the
+rest fill `<prefix>_train_000001.npy`, ... of `shard_size` tokens each. Every document starts
+with <|endoftext|>. Local input: a .txt file (one document), a .jsonl or .parquet file (one
+document per row, field --text_field), or a folder of such files.
+
+Usage:
+    python data/fineweb.py                              # sample-10BT -> data/shards/edufineweb
+    python data/fineweb.py --name sample-100BT
+    python data/fineweb.py --input my_texts/ --prefix mytext --shard_size 10000000
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from data.shards import DataError, write_splits
+from data.tokenizer import EOT, get_encoding
+
+SHARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards")
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+HUB_VAL_TOKENS = 10**8  # build-nanogpt's val shard 0
+
+
+def encode_doc(text):
+    """One document -> uint16 tokens, <|endoftext|> first. Runs in the pool's workers."""
+    return np.array([EOT] + get_encoding().encode_ordinary(text), dtype=np.uint16)  # (n,)
+
+
+def tokenize(texts, num_proc=None):
+    """Yield encode_doc(text) for each text, in order; num_proc > 1 spreads the work over a Pool."""
+    num_proc = num_proc or max(1, os.cpu_count() // 2)
+    get_encoding()  # install the vocab once, here, before workers race for it
+    if num_proc == 1:
+        yield from map(encode_doc, texts)
+        return
+    with mp.Pool(num_proc, initializer=get_encoding) as pool:
+        yield from pool.imap(encode_doc, texts, chunksize=16)
+
+
+def input_files(path):
+    """The files to read under `path` (a supported file, or a folder's supported files, sorted)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
+        if not files:
+            raise DataError(f"--input {path}: folder has no {'/'.join(EXTENSIONS)} files")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"--input {path}: no such file or folder")
+    if not path.endswith(EXTENSIONS):
+        raise DataError(f"--input {path}: unknown extension; expected one of {', '.join(EXTENSIONS)}")
+    return [path]
+
+
+def read_texts(files, text_field="text"):
+    """Yield the documents of local files: a whole .txt, or `text_field` of each .jsonl/.parquet row."""
+    for path in files:
+        try:
+            yield from _read_file(path, text_field)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _read_file(path, text_field):
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield _field(_json(line, path, line_no), text_field, f"{path}: line {line_no}")
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: cannot read parquet ({e})") from None
+        if text_field not in table.schema_arrow.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)})")
+        row = 0
+        for batch in table.iter_batches(columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _field({text_field: value}, text_field, f"{path}: row {row}")
+
+
+def _json(line, path, line_no):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+
+
+def _field(record, text_field, where):
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise DataError(f"{where}: no string field {text_field!r} (set --text_field)")
+    return record[text_field]
+
+
+def hub_texts(name, text_field="text"):
+    """Stream the documents of HuggingFaceFW/fineweb-edu, config `name` (e.g. sample-10BT)."""
+    from datasets import load_dataset
+
+    for row in load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True):
+        yield row[text_field]
+
+
+def split_first(docs, val_tokens):
+    """Tag documents ("val", tokens) until val holds >= val_tokens tokens, then ("train", tokens)."""
+    seen = 0
+    for tokens in docs:
+        yield ("val" if seen < val_tokens else "train"), tokens
+        seen += len(tokens)
+
+
+def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_size=10**8,
+            val_tokens=None, text_field="text", num_proc=None, progress=True):
+    """Tokenize the hub dataset `name`, or local `input`, into shards in out_dir; return counts."""
+    if input is None:
+        texts, val_tokens = hub_texts(name, text_field), val_tokens or HUB_VAL_TOKENS
+    else:
+        files = input_files(input)
+        texts = read_texts(files, text_field)
+        if val_tokens is None:  # 10% of a 4-bytes-per-token estimate
+            val_tokens = max(1, sum(os.path.getsize(f) for f in files) // 4 // 10)
+    if shard_size < 1 or val_tokens < 1:
+        raise DataError(f"--shard_size {shard_size} and --val_tokens {val_tokens} must be >= 1")
+    docs = split_first(tokenize(texts, num_proc), val_tokens)
+    return write_splits(docs, out_dir, prefix, shard_size, progress=progress,
+                        hint=f" (val_tokens {val_tokens} took every document; lower --val_tokens)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out_dir", help="where the shards go (default: data/shards/<prefix>)")
+    p.add_argument("--input", help="a .txt/.jsonl/.parquet file or a folder of them (default: the hub dataset)")
+    p.add_argument("--name", default="sample-10BT", help="fineweb-edu config: sample-10BT, sample-100BT, ...")
+    p.add_argument("--prefix", default="edufineweb", help="shard file name prefix")
+    p.add_argument("--shard_size", type=int, default=10**8, help="tokens per train shard")
+    p.add_argument("--val_tokens", type=int, help="tokens of whole documents for val (default: 1e8 hub, 10%% local)")
+    p.add_argument("--text_field", default="text", help="the document field of .jsonl/.parquet rows")
+    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores)")
+    args = p.parse_args(argv)
+    out_dir = args.out_dir or os.path.join(SHARDS_DIR, args.prefix)
+    try:
+        counts = prepare(out_dir, args.input, args.name, args.prefix, args.shard_size, args.val_tokens,
+                         args.text_field, args.num_proc)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {counts['val_tokens']:,} val tokens ({counts['val_docs']:,} docs) and {counts['train_tokens']:,} "
+          f"train tokens ({counts['train_docs']:,} docs, {counts['train_shards']} shards) to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

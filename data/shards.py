@@ -1,0 +1,183 @@
+"""Token shards: the on-disk format, a writer, checks, and a memory-mapped batch loader.
+
+A shard is a 1-D uint16 array saved with np.save as `<name>_<split>_<idx:06d>.npy`
+(split is `train` or `val`), with every document preceded by <|endoftext|> (50256).
+These are exactly build-nanogpt's edufineweb_*.npy files, so they work unchanged.
+"""
+import glob
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+EOT = 50256
+SCAN_CHUNK = 2**24  # tokens per chunk when scanning a shard for its max id (32 MiB)
+
+
+class DataError(ValueError):
+    """A user-facing data problem; scripts print its one-line message and exit with code 2."""
+
+
+def shard_name(prefix, split, idx):
+    return f"{prefix}_{split}_{idx:06d}.npy"
+
+
+def write_shard(path, tokens):
+    """Save `tokens` as a uint16 shard, atomically: a temp file in the same dir, then os.replace."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise DataError(f"{path}: token ids must be in [0, 65536) to fit uint16")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:  # a file object, so np.save does not append ".npy"
+            np.save(f, tokens.astype(np.uint16, copy=False))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True):
+    """Write `(split, tokens)` documents as one val shard and numbered train shards; return counts.
+
+    Val documents go whole into `<prefix>_val_000000.npy`. Train documents are packed into
+    `<prefix>_train_000001.npy`, ... of `shard_size` tokens each (a document may straddle two
+    shards, as in build-nanogpt); the last partial shard is written too. The val shard is
+    written last, so its presence marks a complete set. Refuses to mix with existing shards.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
+        raise DataError(f"{out_dir}: already holds {prefix}_*.npy shards; delete them or pick another out_dir")
+    counts = dict(out_dir=out_dir, val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
+    val, buf, fill = [], np.empty(shard_size, np.uint16), 0
+    with tqdm(unit="tok", unit_scale=True, desc=prefix, disable=not progress) as bar:
+        for split, tokens in docs:
+            counts[f"{split}_docs"] += 1
+            counts[f"{split}_tokens"] += len(tokens)
+            bar.update(len(tokens))
+            if split == "val":
+                val.append(tokens)
+                continue
+            while len(tokens):
+                take = min(shard_size - fill, len(tokens))
+                buf[fill:fill + take] = tokens[:take]
+                fill, tokens = fill + take, tokens[take:]
+                if fill == shard_size:
+                    counts["train_shards"] += 1
+                    write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf)
+                    fill = 0
+    if fill:
+        counts["train_shards"] += 1
+        write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf[:fill])
+    if not counts["train_docs"]:
+        raise DataError(f"{out_dir}: no documents left for the train split{hint}")
+    if not counts["val_docs"]:
+        raise DataError(f"{out_dir}: no documents for the val split{hint}")
+    write_shard(os.path.join(out_dir, shard_name(prefix, "val", 0)), np.concatenate(val))
+    return counts
+
+
+def shard_paths(data_dir, split, hint=""):
+    """Sorted paths of `*_{split}_*.npy` in data_dir; DataError (plus `hint`) if there are none."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data_dir {data_dir} does not exist{hint}")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    if not paths:
+        raise DataError(f"data_dir {data_dir} has no {split} shards (*_{split}_*.npy){hint}")
+    return paths
+
+
+def open_shard(path):
+    """Memory-map one shard, checking what its header can tell: readable, 1-D, uint16, non-empty."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, missing, pickled objects
+        raise DataError(f"{path}: cannot read shard ({e})") from None
+    if tokens.ndim != 1 or tokens.dtype != np.uint16:
+        raise DataError(f"{path}: expected a 1-D uint16 array, got shape {tokens.shape} dtype {tokens.dtype}")
+    if tokens.size == 0:
+        raise DataError(f"{path}: shard is empty")
+    return tokens
+
+
+def validate_shards(paths, vocab_size, min_tokens=1):
+    """Check every shard (see open_shard) and that ids < vocab_size; return the total token count."""
+    total = 0
+    for path in paths:
+        tokens = open_shard(path)
+        for start in range(0, tokens.size, SCAN_CHUNK):
+            top = int(tokens[start:start + SCAN_CHUNK].max())
+            if top >= vocab_size:
+                raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}")
+        total += tokens.size
+    if total < min_tokens:
+        where = os.path.dirname(paths[0]) or "."
+        raise DataError(f"{where}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}")
+    return total
+
+
+class ShardLoader:
+    """Batches (x, y) of shape (B, T) from shards read as ONE continuous token stream.
+
+    Each next_batch() consumes a global window of B*T*world_size tokens; rank r takes the
+    r-th B*T slice plus one target token. Ranks never overlap, and together they read every
+    token: windows cross shard boundaries and wrap into the next epoch (unlike build-nanogpt,
+    which drops each shard's tail). With shuffle, epoch e visits the shards in the order
+    np.random.default_rng(seed + e).permutation(n).
+    """
+
+    def __init__(self, paths, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.paths, self.B, self.T, self.rank, self.world_size = list(paths), B, T, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.shards = [open_shard(p) for p in self.paths]  # memmaps: pages load on first touch
+        self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)  # (n,)
+        self.total = int(self.lengths.sum())
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.position = 0, 0  # position: token offset within the epoch's stream
+
+    def order(self, epoch):
+        """Shard indices in the order epoch `epoch` reads them."""
+        n = len(self.shards)
+        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+
+    def read(self, epoch, start, n):
+        """n tokens of the stream from offset `start` of epoch `epoch`, wrapping into later epochs."""
+        out = np.empty(n, dtype=np.uint16)  # (n,)
+        filled = 0
+        while filled < n:
+            epoch, start = epoch + start // self.total, start % self.total
+            order = self.order(epoch)
+            starts = np.concatenate([[0], np.cumsum(self.lengths[order])])  # (n_shards + 1,)
+            k = int(np.searchsorted(starts, start, side="right")) - 1
+            offset = start - int(starts[k])
+            take = min(n - filled, int(self.lengths[order[k]]) - offset)
+            out[filled:filled + take] = self.shards[order[k]][offset:offset + take]
+            filled, start = filled + take, start + take
+        return out
+
+    def next_batch(self):
+        """Return this rank's (x, y), each (B, T) int64 on CPU, and advance the global position."""
+        BT = self.B * self.T
+        buf = torch.from_numpy(self.read(self.epoch, self.position + self.rank * BT, BT + 1).astype(np.int64))
+        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # (B, T), (B, T)
+        position = self.position + BT * self.world_size
+        self.epoch, self.position = self.epoch + position // self.total, position % self.total
+        return x, y
+
+    def state_dict(self):
+        """Where the stream stands (the same on every rank), plus the shape it was read with."""
+        return dict(epoch=self.epoch, position=self.position, B=self.B, T=self.T, world_size=self.world_size,
+                    num_shards=len(self.shards), total_tokens=self.total, shuffle=self.shuffle, seed=self.seed)
+
+    def load_state_dict(self, sd):
+        """Resume from state_dict(); the same data and batch shape are required."""
+        for key in ("B", "T", "world_size", "num_shards", "total_tokens", "shuffle", "seed"):
+            if sd[key] != self.state_dict()[key]:
+                raise DataError(f"loader state has {key}={sd[key]} but this loader has {key}={self.state_dict()[key]}; "
+                                f"resume with the same data and batch shape")
+        self.epoch, self.position = int(sd["epoch"]), int(sd["position"])

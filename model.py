@@ -1,0 +1,394 @@
+"""GPT-2 in one file, with Hugging Face's parameter names so its weights load key for key.
+
+    from model import GPT
+    model = GPT.from_pretrained("gpt2")            # or a local HF directory / our out_dir
+    idx = model.generate(prompt_ids, max_new_tokens=50, top_k=50)
+
+`python model.py` prints parameter counts and memory for the GPT-2 shapes and our presets,
+without allocating any weights.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# name: (n_layer, n_head, n_embd). The four OpenAI releases, then our small CPU preset.
+MODEL_SHAPES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+    "shakespeare": (4, 4, 256),
+}
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # GPT-2's BPE; pad to 50304 (a multiple of 64) for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; `length` tokens are filled."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block_size, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs) and return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # query i sees every cached key plus the new ones up to itself
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "residual_scale_init", False) else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> (logits (B, T, vocab), loss or None). Targets of -100 are ignored.
+
+        With a cache (generation) only the last position's logits are computed: (B, 1, vocab).
+        """
+        B, T = idx.size()
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    # ----- sampling -----
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        eos_token_id=None, generator=None):
+        """Yield the next token (B, 1) for each step, decoding with a key/value cache.
+
+        temperature 0 is greedy. A prompt longer than block_size keeps its last block_size tokens;
+        when the context fills the window, it is re-encoded from its last block_size // 2 tokens
+        (positions are absolute in GPT-2, so the cache cannot simply shift). Rows that emitted
+        eos_token_id keep emitting it; the stream stops when every row has.
+        """
+        block = self.config.block_size
+        ctx = idx[:, -block:]  # (B, T)
+        cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if cache is None or cache.length == block:  # (re)fill the cache from the visible context
+                ctx = ctx[:, -(block // 2):] if cache is not None else ctx
+                cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(ctx, cache=cache)
+            else:
+                logits, _ = self(ctx[:, -1:], cache=cache)
+            nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_token_id is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt[:, 0] == eos_token_id
+            ctx = torch.cat([ctx, nxt], dim=1)
+            yield nxt
+            if done.all():
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) -> (B, T + n): the prompt followed by up to max_new_tokens sampled tokens."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + new, dim=1)
+
+    # ----- Hugging Face interop -----
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """Load 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (hub or cache) or a local HF-format dir."""
+        if os.path.isdir(name_or_path):
+            config, sd = read_hf_dir(name_or_path)
+        elif name_or_path in MODEL_SHAPES and name_or_path.startswith("gpt2"):
+            from transformers import GPT2LMHeadModel
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+            config, sd = config_from_hf(hf.config.to_dict()), hf.state_dict()
+        else:
+            raise ValueError(f"{name_or_path!r} is neither a directory nor one of gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+        for k, v in overrides.items():
+            if k not in {f.name for f in fields(GPTConfig)}:
+                raise ValueError(f"unknown GPTConfig field {k!r}")
+            setattr(config, k, v)
+        model = cls(config)
+        load_checked(model, hf_to_ours(sd), source=name_or_path)
+        return model
+
+    def save_pretrained(self, path, vocab_size=None):
+        """Write `path/config.json` and `path/model.safetensors` in Hugging Face GPT-2 format.
+
+        vocab_size crops a padded vocabulary (e.g. 50304 -> 50257) so HF's tokenizer and generate work.
+        Each file is written under a temporary name and renamed into place.
+        """
+        from safetensors.torch import save_file
+        if not self.config.bias:
+            raise ValueError("Hugging Face GPT-2 has biases: a bias=False model cannot be exported")
+        vocab_size = vocab_size or self.config.vocab_size
+        sd = ours_to_hf(self.state_dict())
+        sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:vocab_size]
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        os.makedirs(path, exist_ok=True)
+        save_file(sd, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+            json.dump(config_to_hf(self.config, vocab_size), f, indent=2)
+        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+    # ----- training helpers -----
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW that decays matrices and embeddings (dim >= 2) but not biases and norms; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM, nanoGPT)."""
+        c = self.config
+        n = param_counts(c)["total"] - c.block_size * c.n_embd  # position embeddings do no matmul
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:  # nucleus: keep the smallest set whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def config_from_hf(d):
+    """A Hugging Face GPT2Config dict -> GPTConfig."""
+    if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported activation_function {d['activation_function']!r}")
+    return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
+                     n_head=d["n_head"], n_embd=d["n_embd"], bias=True)
+
+
+def config_to_hf(config, vocab_size=None):
+    """GPTConfig -> the config.json Hugging Face's GPT2LMHeadModel expects."""
+    vocab = vocab_size or config.vocab_size
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "vocab_size": vocab, "n_positions": config.block_size, "n_ctx": config.block_size,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "bos_token_id": 50256 if vocab > 50256 else None, "eos_token_id": 50256 if vocab > 50256 else None,
+    }
+
+
+def hf_to_ours(sd):
+    """HF GPT-2 state dict -> ours: drop attention-mask buffers, add the 'transformer.' prefix that
+    bare GPT2Model files lack, transpose Conv1D weights to nn.Linear, and tie lm_head to wte."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")) and v.dim() != 1:
+            continue  # causal-mask buffers of older transformers, not parameters
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        out[k] = v.t() if k.endswith(CONV1D_WEIGHTS) else v
+    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
+    return out
+
+
+def ours_to_hf(sd):
+    """Our state dict -> HF's, without lm_head (tied to wte; safetensors refuses shared tensors)."""
+    return {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in sd.items() if k != "lm_head.weight"}
+
+
+def read_hf_dir(path):
+    """(GPTConfig, HF state dict) from a directory with config.json and model.safetensors or pytorch_model.bin."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        with open(cfg_path) as f:
+            config = config_from_hf(json.load(f))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: not a GPT-2 config ({type(e).__name__}: {e})") from None
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+            return config, load_file(st)
+        if os.path.isfile(pt):
+            return config, torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: name it
+        raise ValueError(f"{st if os.path.isfile(st) else pt}: cannot read weights ({type(e).__name__}: {e})") from None
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_checked(model, sd, source="state dict"):
+    """Copy sd into model, raising one error that lists every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{name}: {', '.join(items)}" for name, items in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if items]
+        raise ValueError(f"{source}: weights do not fit GPT({model.config}): " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def param_counts(config):
+    """Parameter counts: total (tied head counted once), as if untied, and without embeddings."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    b = 1 if config.bias else 0
+    per_block = 2 * C * b + 2 * C + (C * 3 * C + 3 * C * b) + (C * C + C * b) + (C * 4 * C + 4 * C * b) + (4 * C * C + C * b)
+    emb = V * C + config.block_size * C
+    total = emb + L * per_block + C + C * b
+    return {"total": total, "untied": total + V * C, "non_embedding": total - emb}
+
+
+def storage_report(config):
+    """Counts and bytes: weights in fp32 and bf16, and a full fp32 training state (weights, grads, AdamW m and v)."""
+    n = param_counts(config)
+    return {**n, "fp32_bytes": 4 * n["total"], "bf16_bytes": 2 * n["total"], "train_state_bytes": 16 * n["total"]}
+
+
+def format_report(rows):
+    """rows: {name: storage_report} -> a fixed-width table."""
+    head = f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
+    lines = [head]
+    for name, r in rows.items():
+        m, g = (lambda x: f"{x / 1e6:.1f}M"), (lambda x: f"{x / 2**30:.2f}GiB")
+        lines.append(f"{name:<13}{m(r['total']):>10}{m(r['untied']):>10}{m(r['non_embedding']):>10}"
+                     f"{g(r['fp32_bytes']):>10}{g(r['bf16_bytes']):>10}{g(r['train_state_bytes']):>13}")
+    return "\n".join(lines)
+
+
+def gpu_peak_flops(device_name):
+    """bf16 dense peak FLOP/s of a known GPU name, else None."""
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():  # 'H100 PCIe' is listed before 'H100'
+        if key in device_name:
+            return flops
+    return None
+
+
+def main():
+    rows = {}
+    for name, (n_layer, n_head, n_embd) in MODEL_SHAPES.items():
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        with torch.device("meta"):  # shapes only: no memory is allocated
+            model = GPT(config)
+        assert sum(p.numel() for p in model.parameters()) == param_counts(config)["total"]
+        rows[name] = storage_report(config)
+    print(format_report(rows))
+    print("train state = fp32 weights + grads + AdamW m and v (16 bytes/param), before activations")
+
+
+if __name__ == "__main__":
+    main()

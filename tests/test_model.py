@@ -1,0 +1,205 @@
+"""model.py against Hugging Face GPT-2 on random weights: names, logits, loss, generation, export."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, make_hf
+from model import (GPT, MODEL_SHAPES, GPTConfig, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
+                   sample_next)
+
+
+def test_state_dict_keys_are_hf_keys(tiny_hf):
+    hf, _ = tiny_hf
+    ours = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert list(ours.state_dict()) == list(theirs)
+    for k, v in ours.state_dict().items():
+        expect = theirs[k].t().shape if k.endswith(".weight") and ("c_attn" in k or "c_proj" in k or "c_fc" in k) else theirs[k].shape
+        assert v.shape == expect, k
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_logits_and_loss_match_hf(tiny_hf):
+    hf, path = tiny_hf
+    model = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 128, (3, 40))
+    targets = idx.clone()
+    targets[:, :5] = -100  # ignored, as in HF
+    targets[:, -1] = -100  # HF's shifted loss has no target for the last position
+    logits, loss = model(idx, targets)
+    ref = hf(idx).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    ref_loss = torch.nn.functional.cross_entropy(ref.view(-1, 128), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # HF shifts labels itself: same numbers through its own loss
+    hf_loss = hf(idx, labels=torch.cat([idx[:, :1], targets[:, :-1]], dim=1)).loss
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_full_124m_config_matches_hf(tmp_path):
+    hf, path = make_hf(tmp_path, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    model = GPT.from_pretrained(path).eval()
+    assert param_counts(model.config)["total"] == sum(p.numel() for p in model.parameters()) == 124_439_808
+    idx = torch.randint(0, 50257, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_causal(tiny_hf):
+    model = GPT.from_pretrained(tiny_hf[1]).eval()
+    idx = torch.randint(0, 128, (1, 20))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 128
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_initial_loss_is_near_uniform():
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64))
+    idx, targets = torch.randint(0, 50257, (2, 4, 64))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50304)) < 0.1
+
+
+def test_too_long_sequence_is_a_clear_error():
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="longer than block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_greedy_generation_matches_hf(tiny_hf):
+    hf, path = tiny_hf
+    model = GPT.from_pretrained(path).eval()
+    prompt = torch.randint(0, 128, (2, 7))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0), ref)
+
+
+def test_kv_cache_equals_recomputing_the_context(tiny_hf):
+    model = GPT.from_pretrained(tiny_hf[1]).eval()
+    ctx = torch.randint(0, 128, (3, 5))
+    fast = model.generate(ctx, 40, temperature=0)
+    for _ in range(40):  # reference: the whole context through the model for every token
+        ctx = torch.cat([ctx, model(ctx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(fast, ctx)
+    # sampled generation: same tokens from the same seed, different from another seed
+    gen = lambda seed: model.generate(ctx[:, :5], 20, top_k=20, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(gen(1), gen(1)) and not torch.equal(gen(1), gen(2))
+
+
+def test_generation_slides_past_block_size_and_stops_at_eos(tiny_hf):
+    model = GPT.from_pretrained(tiny_hf[1]).eval()  # block_size 64
+    long_prompt = torch.randint(0, 128, (2, 100))
+    out = model.generate(long_prompt, 80, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 180) and torch.equal(out[:, :100], long_prompt)
+    first = model.generate(long_prompt, 1, temperature=0)[:, -1]  # (B,)
+    stopped = model.generate(long_prompt, 10, temperature=0, eos_token_id=int(first[0]))
+    assert stopped.shape[1] < 110 or bool((stopped[0, 100:] == first[0]).all())
+
+
+def test_sample_next_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, temperature=0), torch.tensor([[0]]))
+    picks = {int(sample_next(logits, top_k=2, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    # softmax mass of the first token is 0.64: top_p 0.5 keeps only it, 0.8 keeps two
+    assert {int(sample_next(logits, top_p=0.5, generator=g)) for _ in range(100)} == {0}
+    assert {int(sample_next(logits, top_p=0.8, generator=g)) for _ in range(300)} == {0, 1}
+
+
+def test_hf_round_trip_and_padded_vocab_export(tmp_path):
+    from transformers import GPT2LMHeadModel
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    model.save_pretrained(tmp_path / "export", vocab_size=50257)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert hf.config.vocab_size == 50257
+    again = GPT.from_pretrained(str(tmp_path / "export")).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    ours = model(idx)[0][..., :50257]
+    torch.testing.assert_close(hf(idx).logits, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again(idx)[0], ours, rtol=0, atol=0)
+    assert not [p for p in os.listdir(tmp_path / "export") if p.endswith(".tmp")]
+
+
+def test_conversions_are_inverse(tiny_hf):
+    hf, _ = tiny_hf
+    sd = hf.state_dict()
+    back = ours_to_hf(hf_to_ours(sd))
+    assert set(back) == set(sd) - {"lm_head.weight"}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+
+
+def test_bare_gpt2model_keys_load(tmp_path, tiny_hf):
+    """The hub's gpt2 files have no 'transformer.' prefix; older ones carry attn.bias mask buffers."""
+    from safetensors.torch import save_file
+    hf, path = tiny_hf
+    bare = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    bare["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    save_file({k: v.contiguous() for k, v in bare.items()}, os.path.join(path, "model.safetensors"))
+    idx = torch.randint(0, 128, (1, 10))
+    torch.testing.assert_close(GPT.from_pretrained(path)(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_errors_list_the_bad_keys(tmp_path, tiny_hf):
+    from safetensors.torch import load_file, save_file
+    _, path = tiny_hf
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    sd.pop("transformer.h.1.mlp.c_fc.bias")
+    sd["transformer.h.0.attn.extra"] = torch.zeros(3)
+    sd["transformer.ln_f.weight"] = torch.zeros(7)
+    save_file(sd, os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(path)
+    msg = str(e.value)
+    assert "missing: transformer.h.1.mlp.c_fc.bias" in msg and "unexpected: transformer.h.0.attn.extra" in msg
+    assert "transformer.ln_f.weight (7,) != (32,)" in msg
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors: cannot read weights"):
+        GPT.from_pretrained(path)
+    with pytest.raises(ValueError, match="neither a directory nor one of gpt2"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_counts(bias):
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=3, n_head=2, n_embd=16, bias=bias)
+    model = GPT(config)
+    counts = param_counts(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["untied"] == counts["total"] + 100 * 16
+    assert counts["non_embedding"] == counts["total"] - 100 * 16 - 32 * 16
+
+
+def test_optimizer_decays_only_matrices():
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    opt = model.configure_optimizers(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_flops_and_peaks():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32))
+    n = sum(p.numel() for p in model.parameters()) - 16 * 8
+    assert model.flops_per_token(16) == 6 * n + 12 * 1 * 2 * 4 * 16
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert gpu_peak_flops("NVIDIA GeForce GTX 1080") is None
+
+
+def test_model_py_prints_the_storage_table():
+    out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in MODEL_SHAPES:
+        assert name in out
+    assert "124.4M" in out and "1557.6M" in out  # gpt2 and gpt2-xl, tied head counted once
