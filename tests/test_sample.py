@@ -1,0 +1,58 @@
+"""sample.py: streaming output equals generate, model resolution, flags and errors."""
+import io
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from conftest import ROOT, make_hf
+from data.tokenizer import get_encoding
+from model import GPT
+from sample import resolve, stream
+
+
+def test_stream_writes_what_generate_returns(tmp_path):
+    _, path = make_hf(tmp_path, vocab_size=50257)
+    model, enc = GPT.from_pretrained(path).eval(), get_encoding()
+    idx = torch.tensor([enc.encode("To be, or not to be")])
+    args = SimpleNamespace(max_new_tokens=25, temperature=0, top_k=0, top_p=None)
+    out = io.StringIO()
+    new = stream(model, enc, idx, args, generator=None, out=out)
+    full = model.generate(idx, 25, temperature=0, eos_token_id=50256)[0, idx.size(1):].tolist()
+    assert new == [t for t in full[:len(new)]] and (len(new) == 25 or full[len(new)] == 50256)
+    assert out.getvalue() == enc.decode(new) + "\n"  # multi-byte characters reassembled across tokens
+
+
+def test_resolve_prefers_the_final_model_then_the_newest_checkpoint(tmp_path):
+    for step in (2, 4):
+        d = tmp_path / f"ckpt_{step:06d}"
+        d.mkdir()
+        for f in ("config.json", "model.safetensors", "trainer.json", "trainer.pt"):
+            (d / f).write_text("x")
+    (tmp_path / ".tmp_ckpt_000006").mkdir()  # half-written: never picked
+    assert resolve(str(tmp_path)) == str(tmp_path / "ckpt_000004")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)) == str(tmp_path)
+    assert resolve("gpt2") == "gpt2"
+
+
+def test_cli_streams_seeded_samples(tmp_path):
+    _, path = make_hf(tmp_path, vocab_size=50257)
+    (tmp_path / "prompt.txt").write_text("Once upon a time")
+    cmd = [sys.executable, "sample.py", "--init_from", path, "--prompt_file", str(tmp_path / "prompt.txt"),
+           "--num_samples", "2", "--max_new_tokens", "12", "--seed", "7", "--device", "cpu"]
+    a = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    b = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.count("--- sample") == 2 and a.stdout.count("Once upon a time") == 2
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path):
+    for args, message in ((["--init_from", str(tmp_path)], "holds no model"),
+                          (["--init_from", "gpt5"], "--init_from"),
+                          (["--top_p", "1.5"], "--top_p"),
+                          (["--prompt_file", str(tmp_path / "missing.txt")], "--prompt_file")):
+        r = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
