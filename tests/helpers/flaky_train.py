@@ -1,0 +1,33 @@
+"""A torchrun entry point: train_gpt2.main(), except that rank 1 dies once, mid-run.
+
+With FLAKY_MARKER (a file path) and FLAKY_STEP (an int) in the environment, rank 1 calls os._exit(1)
+when the train loop asks for step FLAKY_STEP's learning rate (its gradients are already all-reduced,
+so rank 0 logs that step before noticing), creating FLAKY_MARKER first so that the attempt torchrun
+restarts runs through. Without them this is train_gpt2.py unchanged.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import train_gpt2  # noqa: E402
+
+
+def main():
+    marker, crash_step = os.environ.get("FLAKY_MARKER"), int(os.environ.get("FLAKY_STEP", "-1"))
+    real_get_lr = train_gpt2.get_lr
+
+    def get_lr(step, cfg):
+        if step == crash_step and os.environ.get("RANK") == "1" and marker and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"rank 1 died at step {step}\n")
+            os._exit(1)
+        return real_get_lr(step, cfg)
+
+    train_gpt2.get_lr = get_lr
+    train_gpt2.main()
+
+
+if __name__ == "__main__":
+    main()

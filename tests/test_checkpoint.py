@@ -1,0 +1,345 @@
+"""Checkpoints and resume: bit-exact continuation, pruning, crash safety, torchrun restarts, bad input.
+
+Every run trains a tiny model (2 layers, 32 wide) on small synthetic shards with a 256-token vocab, so
+that bfloat16 (emulated, ~200x slower than float32 on CPUs without native bf16) stays cheap. The train
+stream (750 tokens in 3 shards) is shorter than 8 steps of 128 tokens, so runs cross shard boundaries
+and wrap into a reshuffled epoch; dropout and shuffling are on where exactness is checked, so the RNG
+and loader states really have to come back.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from data.shards import ShardLoader, shard_paths, write_shard
+from model import GPT
+import train_gpt2
+from train_gpt2 import ConfigError, list_checkpoints, load_checkpoint, parse_args
+
+HELPERS = os.path.join(ROOT, "tests", "helpers")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # runs often go two at a time on the 2 cores
+SYN = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+       "--seq_len", "32", "--batch_size", "4", "--total_batch_size", "128", "--max_lr", "1e-2", "--min_lr", "1e-3",
+       "--warmup_steps", "2", "--val_steps", "2", "--compile", "false", "--device", "cpu", "--sample_interval", "0",
+       "--dtype", "float32"]
+EXACT = ["--dropout", "0.1", "--shuffle", "true"]  # exercise the RNG restore and the shuffled loader
+TIMEOUT = 240
+
+
+def flags(*extra, **overrides):
+    """SYN with `--name value` pairs overridden (e.g. dtype="bfloat16"), then `extra` appended."""
+    args = list(SYN)
+    for name, value in overrides.items():
+        args[args.index(f"--{name}") + 1] = str(value)
+    return args + [str(a) for a in extra]
+
+
+def start(args, script="train_gpt2.py", torchrun=0, env=None):
+    """Launch the trainer (or a helper) in the background; torchrun=N runs it on N gloo ranks."""
+    args = [str(a) for a in args]
+    cmd = [sys.executable, script, *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               *(["--max-restarts", "1"] if env and "FLAKY_MARKER" in env else []), script, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(pid):
+    """SIGKILL pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def finish(*procs):
+    """Wait for background runs; return their CompletedProcess objects (a run past TIMEOUT is killed)."""
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            kill_tree(p.pid)
+            out, err = p.communicate(timeout=30)
+            err += f"\n[killed after {TIMEOUT} s]"
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def run(args, **kw):
+    return finish(start(args, **kw))[0]
+
+
+def ok(r):
+    assert r.returncode == 0, f"{r.args}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def events(out_dir, key):
+    """Every logged (step, value) for `key`, in file order (a resumed run appends)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [(e["step"], e[key]) for e in map(json.loads, f) if key in e]
+
+
+def last(out_dir, key):
+    """{step: value} where a step logged twice (re-run after a resume) counts with its later entry."""
+    return dict(events(out_dir, key))
+
+
+def ckpt_dirs(out_dir):
+    return sorted(n for n in os.listdir(out_dir) if "ckpt_" in n)
+
+
+@pytest.fixture(scope="module")
+def syn_dir(tmp_path_factory):
+    """Random ids < 256: 3 train shards of 300 + 200 + 250 tokens, one val shard of 1000."""
+    d = tmp_path_factory.mktemp("syn")
+    rng = np.random.default_rng(0)
+    for i, n in enumerate((300, 200, 250), start=1):
+        write_shard(str(d / f"syn_train_{i:06d}.npy"), rng.integers(0, 256, n))
+    write_shard(str(d / "syn_val_000000.npy"), rng.integers(0, 256, 1000))
+    return str(d)
+
+
+@pytest.fixture
+def global_rngs():
+    """load_checkpoint in this process sets python's, numpy's and torch's RNGs: put them back."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(pt)
+
+
+def build(cfg):
+    """Model, optimizer and train loader as train_gpt2.train builds them (one process, CPU)."""
+    model = train_gpt2.build_model(cfg)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    loader = ShardLoader(shard_paths(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len,
+                         shuffle=cfg.shuffle, seed=cfg.seed)
+    return model, optimizer, loader
+
+
+# ----- 1. resume is bit-exact -----
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_is_bit_exact(tmp_path, syn_dir, dtype):
+    common = flags(*EXACT, "--data_dir", syn_dir, "--max_steps", 8, "--eval_interval", 2, "--ckpt_interval", 4,
+                   dtype=dtype)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    chunk = common + ["--out_dir", b, "--run_steps", 4, "--resume", "auto"]  # the same command each time
+    ra, rb1 = finish(start(common + ["--out_dir", a]), start(chunk))
+    ok(ra), ok(rb1)
+    assert "resumed from" not in rb1.stdout  # nothing to resume yet: a fresh start
+    assert ckpt_dirs(b) == ["ckpt_000004"]
+    assert not os.path.exists(os.path.join(b, "model.safetensors"))  # the final model only at max_steps
+    assert [s for s, _ in events(b, "train_loss")] == [0, 1, 2, 3]
+
+    rb2 = ok(run(chunk))
+    assert f"resumed from {b}/ckpt_000004 at step 4" in rb2.stdout
+    assert os.path.exists(os.path.join(b, "model.safetensors"))
+    assert ckpt_dirs(a) == ckpt_dirs(b) == ["ckpt_000004", "ckpt_000008"]
+
+    # no step is logged twice, and every loss matches the uninterrupted run exactly
+    assert [s for s, _ in events(b, "train_loss")] == [s for s, _ in events(a, "train_loss")] == list(range(8))
+    assert [s for s, _ in events(b, "val_loss")] == [s for s, _ in events(a, "val_loss")] == [0, 2, 4, 6, 7]
+    assert events(b, "train_loss") == events(a, "train_loss")
+    assert events(b, "val_loss") == events(a, "val_loss")
+    assert [lr for _, lr in events(b, "lr")] == [lr for _, lr in events(a, "lr")]
+
+    # and so are the final weights and the trainer state of the last checkpoint
+    from safetensors.torch import load_file
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta, tb = (json.load(open(os.path.join(d, "ckpt_000008", "trainer.json"))) for d in (a, b))
+    assert ta["loader"] == tb["loader"] and ta["loader"]["epoch"] == 1  # the stream wrapped into epoch 1
+    assert ta["step"] == tb["step"] == 8
+    # torch's RNG (dropout) is seeded from --seed, so it matches too; python's and numpy's global RNGs
+    # are saved and restored but never seeded, so each fresh process starts them differently
+    pa, pb = (torch.load(os.path.join(d, "ckpt_000008", "trainer.pt"), weights_only=True) for d in (a, b))
+    assert torch.equal(pa["rng_torch"][0]["torch"], pb["rng_torch"][0]["torch"])
+
+
+# ----- 2. keep_last, the final model, and checkpoints as Hugging Face models -----
+
+def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir):
+    out = str(tmp_path / "out")
+    common = flags("--data_dir", syn_dir, "--out_dir", out, "--max_steps", 5, "--eval_interval", 5,
+                   "--ckpt_interval", 1, "--keep_last", 2)
+    ok(run(common))
+    assert ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]  # no .tmp_ckpt_* left either
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["ckpt_000004", "ckpt_000005"]
+    for name in ("ckpt_000004", "ckpt_000005"):
+        assert sorted(os.listdir(os.path.join(out, name))) == sorted(train_gpt2.CKPT_FILES)
+
+    from transformers import GPT2LMHeadModel
+    final = GPT.from_pretrained(out).eval()
+    ckpt = GPT.from_pretrained(os.path.join(out, "ckpt_000005")).eval()
+    hf = GPT2LMHeadModel.from_pretrained(os.path.join(out, "ckpt_000005")).eval()
+    assert final.config.vocab_size == hf.config.vocab_size == 256
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(final(idx)[0], ckpt(idx)[0], rtol=0, atol=0)  # the last ckpt is the final model
+        torch.testing.assert_close(ckpt(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+    # re-running a step that already has a checkpoint swaps it in place, and reproduces the step
+    first = last(out, "train_loss")
+    r = ok(run(common + ["--resume", os.path.join(out, "ckpt_000004")]))
+    assert f"resumed from {out}/ckpt_000004 at step 4" in r.stdout
+    assert ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]
+    assert [s for s, _ in events(out, "train_loss")] == [0, 1, 2, 3, 4, 4]
+    assert last(out, "train_loss") == first
+
+
+# ----- 3. a save killed half-way leaves the previous checkpoint usable -----
+
+def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, syn_dir, global_rngs):
+    out = str(tmp_path / "out")
+    common = flags(*EXACT, "--data_dir", syn_dir, "--out_dir", out, "--max_steps", 4, "--eval_interval", 2,
+                   "--ckpt_interval", 1)
+    ok(run(common + ["--run_steps", 1]))
+    assert ckpt_dirs(out) == ["ckpt_000001"]
+
+    child = start(common, script=os.path.join(HELPERS, "hang_in_save.py"))
+    watchdog = threading.Timer(TIMEOUT, child.kill)
+    watchdog.start()
+    try:
+        marker = next((line for line in child.stdout if line.startswith("HALF-WRITTEN")), None)
+        if marker is None:
+            child.wait()
+            pytest.fail(f"the helper never reached torch.save:\n{child.stderr.read()[-3000:]}")
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        watchdog.cancel()
+        child.stdout.close(), child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    tmp = os.path.join(out, ".tmp_ckpt_000002")
+    assert marker.split()[1] == os.path.join(tmp, "trainer.pt")
+    assert ckpt_dirs(out) == [".tmp_ckpt_000002", "ckpt_000001"]
+    assert {"config.json", "model.safetensors", "trainer.pt"} <= set(os.listdir(tmp))  # half-written
+
+    assert list_checkpoints(out) == [os.path.join(out, "ckpt_000001")]
+    cfg = parse_args(common)
+    model, optimizer, loader = build(cfg)
+    assert load_checkpoint(list_checkpoints(out)[-1], model, optimizer, loader, train_gpt2.Dist()) == 1
+    assert loader.state_dict()["position"] == 128 and len(optimizer.state) > 0
+
+    r = ok(run(common + ["--resume", "auto"]))
+    assert f"resumed from {out}/ckpt_000001 at step 1" in r.stdout
+    assert ckpt_dirs(out) == ["ckpt_000003", "ckpt_000004"]  # the stale .tmp_ckpt_000002 was replaced
+    assert [s for s, _ in events(out, "train_loss")] == [0, 1, 2, 3]
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+# ----- 4. torchrun restarts a failed rank and the run resumes from its last checkpoint -----
+
+def test_torchrun_restart_resumes_exactly(tmp_path, syn_dir):
+    common = flags(*EXACT, "--data_dir", syn_dir, "--max_steps", 8, "--eval_interval", 4, "--ckpt_interval", 2,
+                   "--resume", "auto", batch_size=2)
+    ref, flaky = str(tmp_path / "ref"), str(tmp_path / "flaky")
+    marker = str(tmp_path / "crashed")
+    r_ref, r_flaky = finish(
+        start(common + ["--out_dir", ref], torchrun=2),
+        start(common + ["--out_dir", flaky], script=os.path.join(HELPERS, "flaky_train.py"), torchrun=2,
+              # torchrun shares its rendezvous TCPStore with the workers by default, and on a restart
+              # gloo's init then reads the previous attempt's addresses and fails or hangs (pytorch#135712)
+              env={"FLAKY_MARKER": marker, "FLAKY_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
+    ok(r_ref), ok(r_flaky)
+    assert os.path.exists(marker), "rank 1 never crashed"
+    assert "resumed from" not in r_ref.stdout
+    assert f"resumed from {flaky}/ckpt_000004 at step 4" in r_flaky.stdout, r_flaky.stdout[-3000:]
+    steps = [s for s, _ in events(flaky, "train_loss")]
+    assert steps.count(4) == 2 and steps[-4:] == [4, 5, 6, 7], steps  # step 4 ran before the crash and again
+
+    a, b = last(ref, "train_loss"), last(flaky, "train_loss")
+    assert sorted(a) == sorted(b) == list(range(8))
+    assert a == b, (a, b)  # gloo's 2-rank sum and the restored state make this exact
+    assert last(ref, "val_loss") == last(flaky, "val_loss")
+    assert ckpt_dirs(ref) == ckpt_dirs(flaky) == ["ckpt_000006", "ckpt_000008"]
+
+
+# ----- 5. bad checkpoints: one clear line, exit code 2 -----
+
+class NotATensor:
+    pass
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory, syn_dir):
+    """A complete checkpoint (step 2 of 4, one process) and the flags that wrote it."""
+    out = str(tmp_path_factory.mktemp("good") / "out")
+    common = flags("--data_dir", syn_dir, "--max_steps", 4, "--eval_interval", 4, "--ckpt_interval", 2)
+    ok(run(common + ["--out_dir", out, "--run_steps", 2]))
+    return os.path.join(out, "ckpt_000002"), common
+
+
+def corrupt(kind, path):
+    if kind == "missing":
+        os.remove(os.path.join(path, "trainer.pt"))
+    elif kind == "json":
+        with open(os.path.join(path, "trainer.json"), "w") as f:
+            f.write("{not json at all")
+    elif kind == "safetensors":
+        with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    elif kind == "pickle":
+        torch.save({"optimizer": NotATensor(), "x": object()}, os.path.join(path, "trainer.pt"))
+
+
+@pytest.mark.parametrize("kind, extra, message", [
+    ("missing", [], "not a complete checkpoint (missing trainer.pt)"),
+    ("json", [], "trainer.json: not a trainer state"),
+    ("safetensors", [], "model.safetensors: cannot read weights"),
+    ("pickle", [], "trainer.pt: cannot read"),
+    (None, ["--batch_size", "2"], "loader state has B=4 but this loader has B=2"),
+    (None, ["--n_layer", "3"], "weights do not fit"),
+])
+def test_bad_checkpoint_exits_2_with_one_line(tmp_path, good_ckpt, kind, extra, message):
+    import shutil
+    src, common = good_ckpt
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(src, path)
+    corrupt(kind, path)
+    r = run(common + ["--out_dir", str(tmp_path / "out"), "--resume", path] + extra)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr[-3000:]
+    if kind:
+        assert path in lines[0]  # names the checkpoint
+
+
+def test_resume_needs_the_same_world_size(tmp_path, syn_dir):
+    out = str(tmp_path / "out")
+    common = flags("--data_dir", syn_dir, "--out_dir", out, "--max_steps", 4, "--eval_interval", 4,
+                   batch_size=2)
+    ok(run(common + ["--run_steps", 1], torchrun=2))
+    ckpt = os.path.join(out, "ckpt_000001")
+    assert json.load(open(os.path.join(ckpt, "trainer.json")))["world_size"] == 2
+    r = run(common + ["--resume", "auto"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was written by 2 ranks" in lines[0] and "same world size, not 1" in lines[0], r.stderr
