@@ -285,7 +285,7 @@ def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit())
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
     return [os.path.join(out_dir, n) for n in names
             if all(os.path.isfile(os.path.join(out_dir, n, f)) for f in CKPT_FILES)]
 
@@ -305,6 +305,7 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d):
     final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
     tmp = os.path.join(cfg.out_dir, f".tmp_ckpt_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
     vocab = min(model.config.vocab_size, REAL_VOCAB)
     model.save_pretrained(tmp, vocab_size=vocab)
     torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
@@ -329,7 +330,8 @@ def load_checkpoint(path, model, optimizer, loader, d):
         with open(os.path.join(path, "trainer.json")) as f:
             meta = json.load(f)
         step, world = int(meta["step"]), int(meta["world_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        loader_state, rng = meta["loader"], meta["rng"][d.rank]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}/trainer.json: not a trainer state ({type(e).__name__}: {e})") from None
     if world != d.world_size:
         raise ConfigError(f"{path} was written by {world} ranks; resume it with the same world size, not {d.world_size}")
@@ -337,6 +339,8 @@ def load_checkpoint(path, model, optimizer, loader, d):
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or pickled objects that weights_only refuses
         raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "vocab_pad", "rng_torch"} <= state.keys():
+        raise ConfigError(f"{path}/trainer.pt: not a trainer state (needs optimizer, vocab_pad, rng_torch)")
     try:
         sd = hf_to_ours(read_hf_dir(path)[1])
         sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
@@ -344,8 +348,8 @@ def load_checkpoint(path, model, optimizer, loader, d):
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
-    loader.load_state_dict(meta["loader"])
-    set_rng_state({**meta["rng"][d.rank], **state["rng_torch"][d.rank]})
+    loader.load_state_dict(loader_state)
+    set_rng_state({**rng, **state["rng_torch"][d.rank]})
     return step
 
 
@@ -367,6 +371,8 @@ def train(cfg):
     cfg.dtype = pick_dtype(cfg.dtype, d.device)
     device_type = "cuda" if d.device.startswith("cuda") else d.device
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -383,7 +389,8 @@ def train(cfg):
 
     d.print0(f"device {d.device} x{W} | dtype {cfg.dtype} | compile {cfg.compile} | grad accum {grad_accum} | "
              f"{len(train_paths)} train / {len(val_paths)} val shards in {cfg.data_dir}")
-    d.print0(format_report({cfg.preset: storage_report(model.config)}))
+    c = model.config
+    d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
     compiled = torch.compile(model) if cfg.compile else model
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type=device_type)

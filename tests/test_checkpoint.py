@@ -9,6 +9,7 @@ and loader states really have to come back.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,13 +43,13 @@ def flags(*extra, **overrides):
     return args + [str(a) for a in extra]
 
 
-def start(args, script="train_gpt2.py", torchrun=0, env=None):
+def start(args, script="train_gpt2.py", torchrun=0, max_restarts=0, env=None):
     """Launch the trainer (or a helper) in the background; torchrun=N runs it on N gloo ranks."""
     args = [str(a) for a in args]
     cmd = [sys.executable, script, *args]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               *(["--max-restarts", "1"] if env and "FLAKY_MARKER" in env else []), script, *args]
+               f"--max-restarts={max_restarts}", script, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -56,7 +57,7 @@ def start(args, script="train_gpt2.py", torchrun=0, env=None):
 def kill_tree(pid):
     """SIGKILL pid and all its descendants (torchrun starts its workers in sessions of their own)."""
     children = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -102,6 +103,11 @@ def events(out_dir, key):
     """Every logged (step, value) for `key`, in file order (a resumed run appends)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [(e["step"], e[key]) for e in map(json.loads, f) if key in e]
+
+
+def read_json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
 
 
 def last(out_dir, key):
@@ -174,7 +180,7 @@ def test_resume_is_bit_exact(tmp_path, syn_dir, dtype):
     from safetensors.torch import load_file
     wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ta, tb = (json.load(open(os.path.join(d, "ckpt_000008", "trainer.json"))) for d in (a, b))
+    ta, tb = (read_json(d, "ckpt_000008", "trainer.json") for d in (a, b))
     assert ta["loader"] == tb["loader"] and ta["loader"]["epoch"] == 1  # the stream wrapped into epoch 1
     assert ta["step"] == tb["step"] == 8
     # torch's RNG (dropout) is seeded from --seed, so it matches too; python's and numpy's global RNGs
@@ -264,7 +270,7 @@ def test_torchrun_restart_resumes_exactly(tmp_path, syn_dir):
     marker = str(tmp_path / "crashed")
     r_ref, r_flaky = finish(
         start(common + ["--out_dir", ref], torchrun=2),
-        start(common + ["--out_dir", flaky], script=os.path.join(HELPERS, "flaky_train.py"), torchrun=2,
+        start(common + ["--out_dir", flaky], script=os.path.join(HELPERS, "flaky_train.py"), torchrun=2, max_restarts=1,
               # torchrun shares its rendezvous TCPStore with the workers by default, and on a restart
               # gloo's init then reads the previous attempt's addresses and fails or hangs (pytorch#135712)
               env={"FLAKY_MARKER": marker, "FLAKY_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
@@ -319,7 +325,6 @@ def corrupt(kind, path):
     (None, ["--n_layer", "3"], "weights do not fit"),
 ])
 def test_bad_checkpoint_exits_2_with_one_line(tmp_path, good_ckpt, kind, extra, message):
-    import shutil
     src, common = good_ckpt
     path = str(tmp_path / "ckpt")
     shutil.copytree(src, path)
@@ -338,8 +343,54 @@ def test_resume_needs_the_same_world_size(tmp_path, syn_dir):
                    batch_size=2)
     ok(run(common + ["--run_steps", 1], torchrun=2))
     ckpt = os.path.join(out, "ckpt_000001")
-    assert json.load(open(os.path.join(ckpt, "trainer.json")))["world_size"] == 2
+    assert read_json(ckpt, "trainer.json")["world_size"] == 2
     r = run(common + ["--resume", "auto"])
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "was written by 2 ranks" in lines[0] and "same world size, not 1" in lines[0], r.stderr
+
+
+# ----- regressions: ordering past a million steps, incomplete trainer state, stale swap dirs -----
+
+def fake_checkpoint(out_dir, step):
+    path = os.path.join(out_dir, f"ckpt_{step:06d}")
+    os.makedirs(path)
+    for name in train_gpt2.CKPT_FILES:
+        open(os.path.join(path, name), "w").close()
+    return path
+
+
+def test_checkpoints_are_ordered_by_step_past_a_million(tmp_path):
+    for step in (999_998, 999_999, 1_000_000):
+        fake_checkpoint(str(tmp_path), step)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == \
+        ["ckpt_999998", "ckpt_999999", "ckpt_1000000"]
+
+
+@pytest.fixture
+def small_ckpt(tmp_path, syn_dir, global_rngs):
+    """A checkpoint saved in this process (no subprocess), and the model, optimizer and loader to load it."""
+    cfg = parse_args(flags("--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")))
+    model, optimizer, loader = build(cfg)
+    train_gpt2.save_checkpoint(cfg, 1, model, optimizer, loader, train_gpt2.Dist())
+    return cfg, os.path.join(cfg.out_dir, "ckpt_000001"), (model, optimizer, loader, train_gpt2.Dist())
+
+
+@pytest.mark.parametrize("key", ["loader", "rng"])
+def test_trainer_json_without_loader_or_rng_is_a_clear_error(small_ckpt, key):
+    _, path, objs = small_ckpt
+    meta = read_json(path, "trainer.json")
+    del meta[key]
+    with open(os.path.join(path, "trainer.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises((ConfigError, train_gpt2.DataError), match="trainer.json"):
+        load_checkpoint(path, *objs)
+
+
+def test_resaving_a_step_survives_a_stale_old_dir(small_ckpt):
+    cfg, path, (model, optimizer, loader, d) = small_ckpt
+    stale = os.path.join(cfg.out_dir, ".tmp_ckpt_000001.old")
+    os.makedirs(stale)
+    open(os.path.join(stale, "trainer.pt"), "w").close()
+    train_gpt2.save_checkpoint(cfg, 1, model, optimizer, loader, d)
+    assert list_checkpoints(cfg.out_dir) == [path] and not os.path.exists(stale)
