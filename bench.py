@@ -1,24 +1,147 @@
-"""Side-by-side speed against Hugging Face, in one process, on the same random weights.
+"""Side-by-side speed against Hugging Face and build-nanogpt, in one process, on the same weights and data.
 
-    python bench.py generate                         # GPT-2 124M, batch 1, 256 new tokens, CPU, float32
-    python bench.py generate --dtype bfloat16 --new_tokens 32 --json out.json
+    python bench.py                          # everything, default shapes for the device
+    python bench.py train --steps 3 --json bench.json
+    python bench.py generate --dtype bfloat16 --new_tokens 32
+    python bench.py loader
+    python bench.py tokenize
 
-Rows are interleaved over --repeats rounds and the median is reported, because shared machines are
-noisy: compare the ratios, which are measured side by side.
+train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
+(torch.compile on, fused loss, fused AdamW), of our model eager, and of Hugging Face GPT2LMHeadModel
+(attn_implementation="sdpa") eager and compiled: same shapes, weights, batch and precision (--dtype auto
+picks what train_gpt2.py would). Goals on CPU: ours >= 1.2x HF compiled and >= 3x HF eager. On CUDA
+also MFU; goal >= 50% on an H100.
+generate: our KV-cache `generate` against recomputing the context every token (as build-nanogpt
+samples) and against HF `generate` with its cache (greedy, same weights). Goals: >= 5x, >= 1x.
+loader: tokens/s our ShardLoader serves at B=64, T=1024 (to the device), and ms per batch.
+tokenize: data/fineweb.py's tokenize against build-nanogpt's per-document encode_ordinary in a
+process pool, on the same documents (Shakespeare's plays cut into ~4 KB documents).
 
-generate: our KV-cache `generate` against recomputing the whole context every token (as
-build-nanogpt samples) and against Hugging Face `generate` with its cache (greedy, same weights,
-same dtype). Goals: cache >= 5x recompute, and at least as fast as Hugging Face.
+Rows are interleaved over --repeats rounds and the median is reported: shared machines are noisy,
+so compare the ratios, which are measured side by side.
 """
 import argparse
 import json
+import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
+
+WHAT = ("train", "generate", "loader", "tokenize")
+
+
+def interleaved(runs, repeats, per_round=1):
+    """{name: fn} -> {name: median seconds of one call}, calling each in turn `repeats` rounds."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_reset(device):
+    """Start a new peak: CUDA's allocator counter, or Linux's VmHWM (peak RSS) via clear_refs."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return rss_kib("VmRSS") * 1024
+    except OSError:
+        return None
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return rss_kib("VmHWM") * 1024 if os.path.exists("/proc/self/status") else None
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def same_weights_hf(ours, **kwargs):
+    """Hugging Face GPT2LMHeadModel with our model's weights, through our HF export."""
+    from transformers import GPT2LMHeadModel
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        return GPT2LMHeadModel.from_pretrained(tmp, **kwargs)
+
+
+def bench_train(args, device, dtype):
+    from train_gpt2 import pick_dtype
+    dtype = pick_dtype(dtype, device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    config = GPTConfig(block_size=args.seq_len, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd)
+    ours = GPT(config)
+    hf = same_weights_hf(ours, attn_implementation="sdpa").to(device).train()
+    ours_eager = ours.to(device).train()
+    ours_compiled = GPT(config).to(device).train()
+    ours_compiled.load_state_dict(ours_eager.state_dict())
+    x, y = torch.randint(0, 50257, (2, args.batch, args.seq_len), device=device)
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    models = {  # name: (module with parameters, the callable that trains, loss of (model, x, y))
+        "ours (as trained: compiled)": (ours_compiled, torch.compile(ours_compiled), lambda m: m(x, y)[1]),
+        "ours eager": (ours_eager, ours_eager, lambda m: m(x, y)[1]),
+        "HF sdpa eager": (hf, hf, lambda m: m(input_ids=x, labels=y).loss),
+        "HF sdpa compiled": (hf, torch.compile(hf), lambda m: m(input_ids=x, labels=y).loss),
+    }
+
+    def make_step(module, fn, loss_of):
+        # the same AdamW for both: decay on matrices, fused where torch has a fused kernel
+        opt = configure_optimizers(module, 0.1, 1e-4, device_type=device_type)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_of(fn)
+            loss.backward()
+            opt.step()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+        return step
+    steps = {name: make_step(*m) for name, m in models.items()}
+    memory = {}
+    for name, step in steps.items():  # warm-up (compiles), and each row's peak memory
+        step()
+        base = peak_memory_reset(device)
+        step()
+        peak = peak_memory(device)
+        memory[name] = None if base is None or peak is None else peak - base
+    seconds = interleaved(steps, args.repeats, per_round=args.steps)
+    tokens = args.batch * args.seq_len
+    rate = {name: tokens / s for name, s in seconds.items()}
+    flops, peak_flops = ours.flops_per_token(args.seq_len), None
+    if device_type == "cuda":
+        peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
+    print(f"train: {args.n_layer}L/{args.n_head}H/{args.n_embd}, vocab 50304, B={args.batch}, T={args.seq_len}, "
+          f"{device}, {dtype}, fwd+bwd+AdamW, median of {args.repeats}x{args.steps} steps")
+    mem_label = "peak alloc" if device_type == "cuda" else "peak RSS +"
+    for name, r in rate.items():
+        mfu = f"  MFU {flops * r / peak_flops:5.1%}" if peak_flops else ""
+        mem = f"{memory[name] / 2**20:8.0f} MiB" if memory[name] is not None else "       n/a"
+        print(f"  {name:<28} {r:9.1f} tok/s  {mem_label} {mem}{mfu}")
+    trained, eager = rate["ours (as trained: compiled)"], rate["ours eager"]
+    ratios = {"ours_vs_hf_compiled": trained / rate["HF sdpa compiled"], "ours_vs_hf_eager": trained / rate["HF sdpa eager"],
+              "ours_eager_vs_hf_eager": eager / rate["HF sdpa eager"]}
+    print(f"  ours / HF compiled {ratios['ours_vs_hf_compiled']:.2f}x (goal >= 1.2x), ours / HF eager "
+          f"{ratios['ours_vs_hf_eager']:.2f}x (goal >= 3x), eager / eager {ratios['ours_eager_vs_hf_eager']:.2f}x")
+    return {"config": {**vars(args), "device": device, "dtype": dtype}, "tokens_per_sec": rate,
+            "peak_memory_bytes": memory, "ratios": ratios,
+            **({"mfu": {n: flops * r / peak_flops for n, r in rate.items()}} if peak_flops else {})}
 
 
 def greedy_recompute(model, idx, n):
@@ -29,16 +152,13 @@ def greedy_recompute(model, idx, n):
     return idx
 
 
-def bench_generate(args):
-    from transformers import GPT2LMHeadModel
+def bench_generate(args, device, dtype):
+    dtype = "float32" if dtype == "auto" and not device.startswith("cuda") else "bfloat16" if dtype == "auto" else dtype
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=50257)
-    dtype = getattr(torch, args.dtype)
     ours = GPT(config).eval()
-    with tempfile.TemporaryDirectory() as tmp:  # the same weights, through our HF export
-        ours.save_pretrained(tmp)
-        hf = GPT2LMHeadModel.from_pretrained(tmp).to(args.device, dtype).eval()
-    ours = ours.to(args.device, dtype)
-    idx = torch.randint(0, 50257, (args.batch, args.prompt_len), device=args.device)
+    hf = same_weights_hf(ours).to(device, getattr(torch, dtype)).eval()
+    ours = ours.to(device, getattr(torch, dtype))
+    idx = torch.randint(0, 50257, (args.gen_batch, args.prompt_len), device=device)
     n = args.new_tokens
     runs = {
         "ours (KV cache)": lambda: ours.generate(idx, n, temperature=0),
@@ -49,43 +169,123 @@ def bench_generate(args):
     with torch.no_grad():
         outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the greedy tokens must agree
         assert torch.equal(outs["ours (KV cache)"], outs["ours (recompute context)"])
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    rate = {name: args.batch * n / statistics.median(t) for name, t in times.items()}
-    print(f"generate: {args.n_layer}L/{args.n_embd}, batch {args.batch}, prompt {args.prompt_len}, {n} new tokens, "
-          f"{args.device}, {args.dtype}, median of {args.repeats}")
+        seconds = interleaved(runs, args.repeats)
+    rate = {name: args.gen_batch * n / s for name, s in seconds.items()}
+    print(f"generate: {args.n_layer}L/{args.n_embd}, batch {args.gen_batch}, prompt {args.prompt_len}, {n} new tokens, "
+          f"{device}, {dtype}, median of {args.repeats}")
     for name, r in rate.items():
-        print(f"  {name:<26} {r:8.1f} tok/s")
+        print(f"  {name:<28} {r:9.1f} tok/s")
     ratios = {"cache_vs_recompute": rate["ours (KV cache)"] / rate["ours (recompute context)"],
               "ours_vs_hf": rate["ours (KV cache)"] / rate["HF generate (cache)"]}
     print(f"  cache / recompute {ratios['cache_vs_recompute']:.1f}x (goal >= 5x), "
           f"ours / HF {ratios['ours_vs_hf']:.2f}x (goal >= 1x)")
-    return {"generate": {"config": vars(args), "tokens_per_sec": rate, "ratios": ratios}}
+    return {"config": {**vars(args), "device": device, "dtype": dtype}, "tokens_per_sec": rate, "ratios": ratios}
 
 
-def main(argv=None):
+def bench_loader(args, device, dtype):
+    from data.shards import ShardLoader, write_shard
+    B, T, n = 64, 1024, args.loader_batches
+    pin = device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths = [os.path.join(tmp, f"bench_train_{i:06d}.npy") for i in (1, 2)]
+        for path in paths:  # two shards, so batches cross a boundary
+            write_shard(path, rng.integers(0, 50257, size=B * T * n // 2 + 12345, dtype=np.uint16))
+        loader = ShardLoader(paths, B, T)
+
+        def batches():
+            for _ in range(n):
+                x, y = loader.next_batch()
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if pin:
+                torch.cuda.synchronize()
+        batches()  # warm-up: page in the shards
+        s = interleaved({"loader": batches}, args.repeats)["loader"]
+    rate = B * T * n / s
+    print(f"loader: ShardLoader B={B}, T={T}, to {device}{' (pinned, non_blocking)' if pin else ''}: "
+          f"{rate / 1e6:.1f}M tok/s, {s / n * 1000:.2f} ms per batch")
+    return {"tokens_per_sec": rate, "ms_per_batch": s / n * 1000}
+
+
+def nanogpt_encode(doc):
+    """build-nanogpt's fineweb.py tokenize(doc), verbatim but for the encoding's source (the same BPE)."""
+    from data.tokenizer import get_encoding
+    enc = get_encoding()
+    tokens = [enc._special_tokens["<|endoftext|>"]]
+    tokens.extend(enc.encode_ordinary(doc))
+    tokens_np = np.array(tokens)
+    assert (0 <= tokens_np).all() and (tokens_np < 2**16).all(), "token dictionary too large for uint16"
+    return tokens_np.astype(np.uint16)
+
+
+def bench_tokenize(args, device, dtype):
+    from data import shakespeare
+    from data.fineweb import tokenize
+    plays = [text for _, text in shakespeare.read_plays(shakespeare.download())]
+    docs = [play[i:i + 4096] for play in plays for i in range(0, len(play), 4096)][:args.docs]
+    nprocs = max(1, os.cpu_count() // 2)  # build-nanogpt's choice
+
+    def nanogpt():
+        with mp.Pool(nprocs) as pool:
+            return list(pool.imap(nanogpt_encode, docs, chunksize=16))
+    runs = {"build-nanogpt (process pool)": nanogpt, "ours (data/fineweb.py)": lambda: list(tokenize(docs))}
+    outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens must agree
+    assert all(np.array_equal(a, b) for a, b in zip(*outs.values()))
+    n_tokens = sum(len(t) for t in outs["ours (data/fineweb.py)"])
+    seconds = interleaved(runs, args.repeats)
+    rate = {name: n_tokens / s for name, s in seconds.items()}
+    print(f"tokenize: {len(docs)} documents, {n_tokens:,} tokens, {os.cpu_count()} CPUs, median of {args.repeats}")
+    for name, r in rate.items():
+        print(f"  {name:<28} {r / 1e6:9.2f}M tok/s")
+    ratio = rate["ours (data/fineweb.py)"] / rate["build-nanogpt (process pool)"]
+    print(f"  ours / build-nanogpt {ratio:.2f}x")
+    return {"tokens_per_sec": rate, "ratio": ratio, "documents": len(docs), "tokens": n_tokens}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generate"])
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("what", nargs="*", help=f"any of {', '.join(WHAT)} (default: all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--n_layer", type=int, default=None, help="train: 6 on CPU, 12 on CUDA; generate: 12")
+    p.add_argument("--n_head", type=int, default=None)
+    p.add_argument("--n_embd", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="train: 8 on CPU, 64 on CUDA")
+    p.add_argument("--seq_len", type=int, default=None, help="train: 256 on CPU, 1024 on CUDA")
+    p.add_argument("--steps", type=int, default=2, help="train steps per row per round")
+    p.add_argument("--gen_batch", type=int, default=1)
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--loader_batches", type=int, default=20)
+    p.add_argument("--docs", type=int, default=2000, help="tokenize: documents")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    result = bench_generate(args)
+    for what in args.what:
+        if what not in WHAT:
+            p.error(f"unknown benchmark {what!r}: expected any of {', '.join(WHAT)}")
+    args.what = args.what or list(WHAT)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    result = {}
+    for what in dict.fromkeys(args.what):
+        torch.manual_seed(0)
+        shape = dict(n_layer=12, n_head=12, n_embd=768, batch=64, seq_len=1024) if cuda or what == "generate" else \
+            dict(n_layer=6, n_head=6, n_embd=384, batch=8, seq_len=256)
+        run_args = argparse.Namespace(**{**vars(args), **{k: v if getattr(args, k) is None else getattr(args, k)
+                                                          for k, v in shape.items()}})
+        bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize}
+        result[what] = bench[what](run_args, device, args.dtype)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,13 @@ with a key/value cache and stops early at <|endoftext|>.
 """
 import argparse
 import codecs
-import os
 import sys
 
 import torch
 
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
-from model import GPT
-from train_gpt2 import ConfigError, OneLineParser, list_checkpoints, parse_bool, pick_dtype
-
-
-def resolve(init_from):
-    """A directory with a model in it, or a GPT-2 name, for GPT.from_pretrained."""
-    if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, "config.json")):
-        ckpts = list_checkpoints(init_from)
-        if not ckpts:
-            raise ConfigError(f"--init_from: {init_from} holds no model (config.json) and no complete checkpoint")
-        return ckpts[-1]
-    return init_from
+from train_gpt2 import ConfigError, OneLineParser, load_init, parse_bool, pick_dtype
 
 
 def parse_args(argv=None):
@@ -83,10 +71,7 @@ def main(argv=None):
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        try:
-            model = GPT.from_pretrained(resolve(args.init_from))
-        except ValueError as e:
-            raise ConfigError(f"--init_from: {e}") from None
+        model = load_init(args.init_from)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

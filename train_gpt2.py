@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, validate_shards
-from model import (GPT, MODEL_SHAPES, GPTConfig, format_report, gpu_peak_flops, hf_to_ours, load_checked,
+from model import (GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, hf_to_ours, load_checked,
                    read_hf_dir, storage_report)
 
 
@@ -50,6 +51,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     val_steps: int = 20  # val batches per eval
+    hellaswag_interval: int = 250  # HellaSwag eval every this many steps (0 disables)
+    hellaswag_path: str = ""  # a HellaSwag jsonl; "": the val set, downloaded to data/cache/hellaswag/
     sample_interval: int = 250  # 0 disables sampling
     sample_prompt: str = "Hello, I'm a language model,"
     sample_tokens: int = 32
@@ -82,10 +85,18 @@ PRESETS = {
         **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=60,
         max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=20, val_steps=10,
-        sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
+        hellaswag_interval=0, sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
         compile=False),  # measured on a 2-core CPU: compile costs ~40 s and gains nothing in float32
+    # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
+    # step, lr 3e-5): a small, slowly decaying lr after a short warmup, eval, samples and checkpoints often.
+    "finetune": dict(
+        init_from="gpt2", data_dir="data/shards/shakespeare", out_dir="out-ft", seq_len=1024, batch_size=8,
+        total_batch_size=32768, max_steps=200, max_lr=3e-5, min_lr=3e-6, warmup_steps=10, dropout=0.1,
+        eval_interval=20, val_steps=10, hellaswag_interval=0, sample_interval=50, sample_prompt="ROMEO:\n",
+        sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
 }
-PREPARE_HINT = {"shakespeare": "python data/shakespeare.py"}
+PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
+                "finetune": "python data/fineweb.py --input YOUR_TEXT --out_dir {data_dir}"}
 
 
 class ConfigError(ValueError):
@@ -131,7 +142,7 @@ def validate(cfg, world_size):
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
-                 "ckpt_interval", "run_steps"):
+                 "ckpt_interval", "run_steps", "hellaswag_interval"):
         need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
     need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
     need(0 <= cfg.dropout < 1, f"--dropout: must be in [0, 1), got {cfg.dropout}")
@@ -142,6 +153,8 @@ def validate(cfg, world_size):
          f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
          f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
     need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
+    need(not cfg.hellaswag_interval or cfg.init_from != "scratch" or cfg.vocab_size >= REAL_VOCAB,
+         f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but --vocab_size is {cfg.vocab_size} (0 turns it off)")
     need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
@@ -217,16 +230,36 @@ def build_model(cfg):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    return load_init(cfg.init_from, dropout=cfg.dropout)
+
+
+def resolve_init(init_from):
+    """A directory holding a model, or a GPT-2 name, for from_pretrained: a training out_dir without a final
+    model resolves to its newest complete checkpoint."""
+    if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, "config.json")):
+        ckpts = list_checkpoints(init_from)
+        if not ckpts:
+            raise ValueError(f"{init_from} holds no model (config.json) and no complete checkpoint")
+        return ckpts[-1]
+    return init_from
+
+
+def load_init(init_from, load=GPT.from_pretrained, **kwargs):
+    """load(resolve_init(init_from), **kwargs); any problem (a bad directory, a GPT-2 name with the hub
+    unreachable and nothing cached) becomes a one-line ConfigError naming --init_from."""
     try:
-        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    except ValueError as e:
-        raise ConfigError(f"--init_from: {e}") from None
+        return load(resolve_init(init_from), **kwargs)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--init_from: {str(e).splitlines()[0]}") from None
 
 
 def find_shards(cfg, split, d):
-    """The split's shard paths; the shakespeare corpus is prepared on first use (rank 0, others wait)."""
-    hint = f"prepare them with: {PREPARE_HINT.get(cfg.preset, 'python data/fineweb.py --out_dir ' + cfg.data_dir)}"
-    if cfg.preset == "shakespeare" and d.master and not os.path.isdir(cfg.data_dir):
+    """The split's shard paths; the shakespeare corpus (its preset, or its data_dir under any preset) is
+    prepared on first use (rank 0, others wait)."""
+    hint = PREPARE_HINT.get(cfg.preset, "python data/fineweb.py --out_dir {data_dir}").format(data_dir=cfg.data_dir)
+    hint = f"; prepare them with: {hint}"
+    shakespeare = cfg.preset == "shakespeare" or cfg.data_dir == PRESETS["shakespeare"]["data_dir"]
+    if shakespeare and d.master and not os.path.isdir(cfg.data_dir):
         from data.shakespeare import prepare
         prepare(cfg.data_dir)
     if d.world_size > 1:
@@ -258,6 +291,18 @@ def sample_text(model, enc, cfg, d, step, num=2):
     out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
     model.train()
     return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+
+
+def hellaswag_eval(model, examples, enc, cfg, d, autocast):
+    """HellaSwag (acc, acc_norm): rank r scores examples r, r + W, ...; the counts are summed over ranks.
+
+    batch_size // 4 examples per forward keeps the rows (4 per example) within a training micro batch.
+    """
+    counts = hellaswag.evaluate(model, examples[d.rank::d.world_size], enc, max(1, cfg.batch_size // 4), autocast)
+    if d.world_size > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    correct, correct_norm, total = counts.tolist()
+    return correct / total, correct_norm / total
 
 
 # ----- checkpoints -----
@@ -380,6 +425,8 @@ def train(cfg):
     grad_accum = cfg.total_batch_size // (B * T * W)
 
     train_paths, val_paths = find_shards(cfg, "train", d), find_shards(cfg, "val", d)
+    # read once, now: a missing or malformed file stops the run before training, not hours into it
+    hs_examples = hellaswag.load_examples(cfg.hellaswag_path or hellaswag.download()) if cfg.hellaswag_interval else []
     model = build_model(cfg).to(d.device)
     vocab = model.config.vocab_size
     validate_shards(train_paths, min(vocab, 50257), B * T * W + 1)
@@ -393,7 +440,7 @@ def train(cfg):
     d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
     compiled = torch.compile(model) if cfg.compile else model
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type=device_type)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
     autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     from data.tokenizer import get_encoding
     enc = get_encoding()
@@ -420,6 +467,10 @@ def train(cfg):
             val_loss = evaluate(compiled, val_loader, cfg.val_steps, d, autocast)
             d.print0(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step=step, val_loss=val_loss)
+        if cfg.hellaswag_interval and (step % cfg.hellaswag_interval == 0 or last):
+            acc, acc_norm = hellaswag_eval(compiled, hs_examples, enc, cfg, d, autocast)
+            d.print0(f"step {step:5d} | hellaswag acc {acc:.4f} | acc_norm {acc_norm:.4f}")
+            log.write(step=step, hellaswag_acc_norm=acc_norm, hellaswag_acc=acc)
         if cfg.sample_interval and d.master and ((step > 0 and step % cfg.sample_interval == 0) or last):
             for text in sample_text(model, enc, cfg, d, step):
                 d.print0(f"sample: {text!r}")

@@ -3,7 +3,9 @@
 The first `val_tokens` tokens' worth of whole documents become `<prefix>_val_000000.npy`; the
 rest fill `<prefix>_train_000001.npy`, ... of `shard_size` tokens each. Every document starts
 with <|endoftext|>. Local input: a .txt file (one document), a .jsonl or .parquet file (one
-document per row, field --text_field), or a folder of such files.
+document per row, field --text_field), or a folder of such files; val_tokens defaults to ~10% of
+it, and a document longer than that is cut at the boundary, so one small .txt still gives a val
+and a train shard.
 
 Usage:
     python data/fineweb.py                              # sample-10BT -> data/shards/edufineweb
@@ -119,9 +121,18 @@ def hub_texts(name, text_field="text"):
 
 
 def split_first(docs, val_tokens):
-    """Tag documents ("val", tokens) until val holds >= val_tokens tokens, then ("train", tokens)."""
+    """Tag documents ("val", tokens) until val holds >= val_tokens tokens, then ("train", tokens).
+
+    A document longer than val_tokens that crosses the boundary (a book, a single .txt) is cut there,
+    so that one file still gives both splits: its head ends val, its tail, behind a new
+    <|endoftext|>, starts train.
+    """
     seen = 0
     for tokens in docs:
+        if seen < val_tokens < seen + len(tokens) and len(tokens) > val_tokens:
+            head = val_tokens - seen
+            yield "val", tokens[:head]
+            tokens, seen = np.concatenate([[EOT], tokens[head:]]).astype(np.uint16), val_tokens  # (n - head + 1,)
         yield ("val" if seen < val_tokens else "train"), tokens
         seen += len(tokens)
 

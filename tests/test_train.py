@@ -7,14 +7,15 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import HELLASWAG, ROOT, write_hellaswag
 from model import GPT
 from train_gpt2 import PRESETS, TrainConfig, get_lr, parse_args, pick_dtype
 
 # A tiny model on the real Shakespeare shards: 512 tokens per step, fast on 2 cores.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--seq_len", "64",
         "--batch_size", "4", "--total_batch_size", "512", "--max_lr", "3e-3", "--min_lr", "3e-4",
-        "--warmup_steps", "5", "--val_steps", "4", "--dtype", "float32", "--sample_interval", "0"]
+        "--warmup_steps", "5", "--val_steps", "4", "--dtype", "float32", "--hellaswag_interval", "0",
+        "--sample_interval", "0"]
 
 
 def run(args, **kw):
@@ -112,17 +113,20 @@ def test_short_shakespeare_training_lowers_val_loss(tmp_path, shakespeare_dir):
 def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
     out = str(tmp_path / "out")
     args = TINY[:-2] + ["--data_dir", shakespeare_dir, "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
-                        "--sample_interval", "2", "--sample_tokens", "8", "--compile", "true", "--device", "cpu"]
+                        "--sample_interval", "2", "--sample_tokens", "8", "--compile", "true", "--device", "cpu",
+                        "--hellaswag_interval", "2", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
     r = run(args, timeout=400)
     assert r.returncode == 0, r.stderr
     assert [s for s, _ in metrics(out, "val_loss")] == [0, 2, 3]
+    assert [s for s, _ in metrics(out, "hellaswag_acc_norm")] == [0, 2, 3]
     assert r.stdout.count("sample: ") == 4  # two samples at step 2 and at the last step
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
     """Same global batch: 1 process x 2 micro steps == 2 gloo ranks x 1 micro step."""
     common = TINY + ["--data_dir", shakespeare_dir, "--max_steps", "6", "--eval_interval", "3",
-                     "--compile", "false", "--device", "cpu", "--batch_size", "2"]
+                     "--compile", "false", "--device", "cpu", "--batch_size", "2",
+                     "--hellaswag_interval", "3", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
     single = run(common + ["--out_dir", str(tmp_path / "one")], timeout=300)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,3 +140,48 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
         assert a == pytest.approx(b, rel=1e-5), (one, two)
     # each rank evaluates its own val batches; the logged loss is their mean (rank 0 alone writes)
     assert [s for s, _ in metrics(tmp_path / "two", "val_loss")] == [0, 3, 5]
+    # HellaSwag: rank r scores examples r, r + 2, ...; the summed counts equal one process's
+    for key in ("hellaswag_acc", "hellaswag_acc_norm"):
+        hs_one, hs_two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
+        assert hs_one == hs_two and [s for s, _ in hs_one] == [0, 3, 5], (hs_one, hs_two)
+        assert all(abs(x * len(HELLASWAG) - round(x * len(HELLASWAG))) < 1e-9 for _, x in hs_one)  # k / 7 examples
+
+
+def test_finetune_preset_defaults():
+    cfg = parse_args(["--preset", "finetune", "--data_dir", "data/shards/mine"])
+    assert (cfg.init_from, cfg.data_dir, cfg.out_dir, cfg.compile, cfg.hellaswag_interval) == \
+        ("gpt2", "data/shards/mine", "out-ft", True, 0)
+    assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.max_lr, cfg.min_lr,
+            cfg.warmup_steps) == (32768, 8, 1024, 200, 3e-5, 3e-6, 10)
+    assert cfg.eval_interval <= 25 and cfg.ckpt_interval <= 50 and cfg.sample_interval <= 50
+    assert cfg.keep_last * cfg.ckpt_interval >= cfg.max_steps  # every checkpoint is kept
+    assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len) == 0  # grad accum 4 on one GPU
+    assert parse_args(["--preset", "finetune", "--init_from", "out-ft", "--max_lr", "1e-4"]).max_lr == 1e-4
+
+
+def test_finetune_own_text_lowers_val_loss(tmp_path):
+    """Own text (one .txt through fineweb.py) fine-tunes a pretrained (random tiny HF) model; a second run
+    continues from the first's out_dir, read from its newest checkpoint."""
+    from conftest import make_hf
+    from data import fineweb, shakespeare
+    _, hf_dir = make_hf(tmp_path, vocab_size=50257)
+    text = dict(shakespeare.read_plays(shakespeare.download()))["hamlet"][:40000]
+    (tmp_path / "mine.txt").write_text(text, encoding="utf-8")
+    fineweb.prepare(str(tmp_path / "shards"), input=str(tmp_path / "mine.txt"), prefix="mine", num_proc=1,
+                    progress=False)
+    common = ["--preset", "finetune", "--data_dir", str(tmp_path / "shards"), "--device", "cpu", "--compile", "false",
+              "--dtype", "float32", "--seq_len", "64", "--batch_size", "4", "--total_batch_size", "512",
+              "--val_steps", "2", "--max_lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "2"]
+    out = str(tmp_path / "out")
+    r = run(common + ["--init_from", hf_dir, "--out_dir", out, "--max_steps", "8", "--eval_interval", "4",
+                      "--sample_interval", "4", "--sample_tokens", "4", "--ckpt_interval", "4"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    val = metrics(out, "val_loss")
+    assert [s for s, _ in val] == [0, 4, 7] and val[-1][1] < val[0][1], val
+    assert r.stdout.count("sample: 'ROMEO:\\n") == 4
+    os.remove(os.path.join(out, "model.safetensors"))
+    os.remove(os.path.join(out, "config.json"))  # now only ckpt_000004 and ckpt_000008 are left
+    r = run(common + ["--init_from", out, "--out_dir", str(tmp_path / "out2"), "--max_steps", "1",
+                      "--sample_interval", "0"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert metrics(tmp_path / "out2", "val_loss")[0][1] < val[0][1]

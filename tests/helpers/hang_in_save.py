@@ -26,7 +26,7 @@ def main():
     d = train_gpt2.Dist(device="cpu")
     torch.manual_seed(cfg.seed)
     model = train_gpt2.build_model(cfg)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    optimizer = train_gpt2.configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
     loader = ShardLoader(shard_paths(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len,
                          shuffle=cfg.shuffle, seed=cfg.seed)
     ckpt = train_gpt2.list_checkpoints(cfg.out_dir)[-1]

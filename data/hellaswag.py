@@ -1,0 +1,198 @@
+"""HellaSwag: pick the right one of 4 endings by the model's likelihood (completion style).
+
+    python data/hellaswag.py --model gpt2                     # OpenAI's weights, the 10,042 val examples
+    python data/hellaswag.py --model out --limit 500          # our out_dir / ckpt_* dir / HF dir
+    python data/hellaswag.py --model gpt2 --jsonl hellaswag_val.jsonl --device cpu
+
+The val set comes from the HellaSwag repository (rowanz/hellaswag) into data/cache/hellaswag/ on
+first use, or from --jsonl. Each example is 4 rows: the context's tokens, then those of " " + ending.
+`acc` picks the ending with the lowest summed loss over its tokens, `acc_norm` the lowest mean loss
+per token. This is build-nanogpt's hellaswag.py; its docstring reports (float32, 10,042 examples):
+
+    gpt2 (124M)      acc 0.2859  acc_norm 0.2955
+    gpt2-xl (1558M)  acc 0.3842  acc_norm 0.4893
+
+(GPT-3 124M: acc_norm 0.337, multiple-choice style, from the GPT-3 paper.)
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import urllib.request
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.shards import DataError
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "hellaswag")
+PAD_TO = 64  # rows are padded to a multiple of this: one shape for a compiled model, GPU-friendly
+
+
+def download(cache_dir=CACHE_DIR, url=URL, timeout=60):
+    """Path of hellaswag_val.jsonl in cache_dir, fetched on first use (a temp file, then os.replace)."""
+    path = os.path.join(cache_dir, os.path.basename(url))
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, path)
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        raise DataError(f"could not download {url} ({e}); pass a local copy (--jsonl / --hellaswag_path), "
+                        f"put it at {path}, or turn the eval off with --hellaswag_interval 0") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def problem(ex):
+    """What is wrong with one parsed line, or None if it is a usable example."""
+    if not isinstance(ex, dict):
+        return "not a JSON object"
+    missing = [k for k in ("ctx", "endings", "label") if k not in ex]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(ex["ctx"], str):
+        return "ctx is not a string"
+    endings = ex["endings"]
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        return f"endings must be a list of 4 strings, got {json.dumps(endings)[:60]}"
+    if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
+        return f"label must be 0, 1, 2 or 3, got {ex['label']!r}"
+    return None
+
+
+def load_examples(path):
+    """The examples of a HellaSwag jsonl file, every line checked; errors name the file and line."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read HellaSwag file ({e.strerror})") from None
+    examples = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise DataError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if (why := problem(ex)) is not None:
+            raise DataError(f"{path}:{n}: {why}")
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no HellaSwag examples in it")
+    return examples
+
+
+def render(example, enc):
+    """(tokens, mask): 4 rows of context tokens then ending tokens, mask 1 over the ending's tokens.
+
+    The ending is encoded as " " + ending, since GPT-2's BPE attaches a space to the word after it.
+    """
+    ctx = enc.encode_ordinary(example["ctx"])
+    tokens, mask = [], []
+    for ending in example["endings"]:
+        end = enc.encode_ordinary(" " + ending)
+        tokens.append(ctx + end)
+        mask.append([0] * len(ctx) + [1] * len(end))
+    return tokens, mask
+
+
+def score_rows(logits, tokens, mask):
+    """Summed and mean float32 cross-entropy of each row's masked tokens: logits (R, T, V) -> (R,), (R,).
+
+    Position t predicts token t+1, so the mask is shifted: the ending's first token is scored from
+    the context's last position.
+    """
+    R, T, V = logits.shape
+    flat = logits[:, :-1].float().reshape(-1, V)  # (R * (T-1), V); class-last is faster than (R, V, T-1)
+    losses = F.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none").view(R, T - 1)  # (R, T-1)
+    mask = mask[:, 1:].float()  # (R, T-1)
+    total = (losses * mask).sum(dim=1)  # (R,)
+    return total, total / mask.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model, examples, enc, batch_size=16, autocast=None, progress=False):
+    """Counts [correct by acc, correct by acc_norm, examples] as a long tensor (3,) on the model's device.
+
+    `model(idx)` must return (logits, ...), as our GPT (also compiled) does. Every forward has one
+    shape, (4 * batch_size, T): T is the longest row rounded up to a multiple of PAD_TO, at most
+    block_size (a longer row keeps its last T tokens), and the last batch is filled with empty rows,
+    so a torch.compile'd model compiles once. Rows are right-padded, which a causal model cannot see.
+    """
+    device = next(model.parameters()).device
+    rendered = [render(ex, enc) for ex in examples]
+    longest = max((len(row) for tokens, _ in rendered for row in tokens), default=1)
+    T = min(model.config.block_size, -(-longest // PAD_TO) * PAD_TO)
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    counts[2] = len(examples)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(examples), batch_size), desc="hellaswag", unit="batch", disable=not progress):
+        batch = rendered[start:start + batch_size]
+        tokens = torch.zeros(4 * batch_size, T, dtype=torch.long)  # (R, T), R = 4 * batch_size
+        mask = torch.zeros_like(tokens)  # (R, T)
+        rows = [(row[-T:], m[-T:]) for toks, masks in batch for row, m in zip(toks, masks)]  # 4 per example
+        for r, (row, m) in enumerate(rows):
+            tokens[r, :len(row)], mask[r, :len(m)] = torch.tensor(row), torch.tensor(m)
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(tokens)[0]  # (R, T, V)
+        total, mean = (s.view(-1, 4)[:len(batch)] for s in score_rows(logits, tokens, mask))  # (b, 4)
+        labels = torch.tensor([ex["label"] for ex in examples[start:start + batch_size]], device=device)  # (b,)
+        counts[0] += (total.argmin(dim=1) == labels).sum()
+        counts[1] += (mean.argmin(dim=1) == labels).sum()
+    model.train(was_training)
+    return counts
+
+
+def main(argv=None):
+    from data.tokenizer import get_encoding
+    from train_gpt2 import ConfigError, OneLineParser, load_init, pick_dtype
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2", help="out_dir, ckpt dir, HF dir or gpt2* name (default: gpt2)")
+    p.add_argument("--jsonl", default="", help=f"a local HellaSwag jsonl (default: the val set, cached in {CACHE_DIR})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="autocast dtype")
+    p.add_argument("--batch_size", type=int, default=16, help="examples (4 rows each) per forward")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
+    try:
+        args = p.parse_args(argv)
+        if args.device not in ("auto", "cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
+            raise ConfigError(f"--device: unknown device {args.device!r}")
+        if args.batch_size <= 0 or args.limit < 0:
+            raise ConfigError(f"--batch_size must be positive and --limit not negative, got {args.batch_size}, {args.limit}")
+        examples = load_examples(args.jsonl or download())[:args.limit or None]
+        try:
+            model = load_init(args.model)
+        except ConfigError as e:  # it names train_gpt2's flag
+            raise ConfigError(f"--model: {str(e).removeprefix('--init_from: ')}") from None
+        if model.config.vocab_size < 50257:
+            raise ConfigError(f"--model: {args.model} has {model.config.vocab_size} tokens, not GPT-2's 50257")
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dtype = pick_dtype(args.dtype, device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    counts = evaluate(model.to(device), examples, get_encoding(), args.batch_size, autocast, progress=True)
+    correct, correct_norm, total = counts.tolist()
+    print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""finetune_classify.py: parity with HF's GPT2ForSequenceClassification, a short real fine-tuning, errors."""
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, make_hf
+from finetune_classify import GPTClassifier, main, set_trainable
+from model import GPT, GPTConfig
+
+KEYWORDS = {"food": "pizza", "sports": "football", "tech": "computer"}
+FILLER = "the a of and to in is it that was for on are with as be at by this have from".split()
+
+
+def synthetic(n, seed=0):
+    """n (text, label) rows: filler words with the class's keyword at a random place."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(KEYWORDS))
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 12))]
+        words.insert(rng.randint(0, len(words)), KEYWORDS[label])
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path, rows, header=("text", "label")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    return str(path)
+
+
+def write_jsonl(path, records):
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def hf_classifier(tmp_path, num_labels=3):
+    """A random tiny GPT2ForSequenceClassification (vocab 50257, pad 50256), saved; return (model, dir)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    config = GPT2Config(**{**TINY, "vocab_size": 50257}, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        num_labels=num_labels, pad_token_id=50256, id2label={0: "neg", 1: "neu", 2: "pos"})
+    hf = GPT2ForSequenceClassification(config).eval()
+    path = str(tmp_path / "hf_cls")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def padded_batch(lengths, T):
+    """Random real tokens (never the pad id 50256), right-padded with 50256: idx (B, T), mask (B, T)."""
+    idx = torch.randint(0, 50256, (len(lengths), T))
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return idx.masked_fill(mask == 0, 50256), mask
+
+
+def test_hf_parity_load_and_save(tmp_path):
+    from transformers import GPT2ForSequenceClassification
+    hf, path = hf_classifier(tmp_path)
+    ours = GPTClassifier.from_pretrained(path).eval()
+    assert ours.id2label == ["neg", "neu", "pos"] and ours.has_head
+    idx, mask = padded_batch([9, 4, 1, 16], 16)
+    with torch.no_grad():
+        expected = hf(input_ids=idx, attention_mask=mask).logits  # HF finds the last token by pad_token_id
+        torch.testing.assert_close(ours(idx, mask), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(idx[3:]), expected[3:], rtol=1e-5, atol=1e-5)  # no mask: all real
+    ours.save_pretrained(str(tmp_path / "ours"))
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    back, info = GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "ours"), output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert back.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and back.config.pad_token_id == 50256
+    with torch.no_grad():
+        logits = back.eval()(input_ids=idx, attention_mask=mask).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_weights_get_a_fresh_head(tmp_path):
+    _, lm_dir = make_hf(tmp_path, vocab_size=50257)
+    with pytest.raises(ValueError, match="no classification head"):
+        GPTClassifier.from_pretrained(lm_dir)
+    lm = GPT.from_pretrained(lm_dir)
+    GPT.from_pretrained(lm_dir).save_pretrained(str(tmp_path / "out" / "ckpt_000002"))  # a training out_dir
+    for name in ("trainer.json", "trainer.pt"):
+        (tmp_path / "out" / "ckpt_000002" / name).touch()
+    for source in (lm_dir, str(tmp_path / "out")):
+        model = GPTClassifier.from_pretrained(source, num_labels=4)
+        assert not model.has_head and model.score.weight.shape == (4, 32) and model.id2label == ["0", "1", "2", "3"]
+        assert 0.01 < model.score.weight.std().item() < 0.03
+        for k, v in model.transformer.state_dict().items():
+            torch.testing.assert_close(v, lm.transformer.state_dict()[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="classifies into 3 labels, the data has 2"):
+        GPTClassifier.from_pretrained(hf_classifier(tmp_path)[1], num_labels=2)
+
+
+def test_trainable_sets():
+    model = GPTClassifier(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32), num_labels=2)
+
+    def trainable(which):
+        set_trainable(model, which)
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+    trained = {which: trainable(which) for which in ("head", "last_block", "all")}
+    assert trained["head"] == {"score.weight"}
+    assert trained["last_block"] == {"score.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"} | \
+        {n for n, _ in model.named_parameters() if n.startswith("transformer.h.1.")}
+    assert trained["all"] == {n for n, _ in model.named_parameters()}
+
+
+def test_cli_fine_tunes_to_95_percent_and_predicts(tmp_path):
+    _, lm_dir = make_hf(tmp_path, vocab_size=50257)
+    data, out = write_csv(tmp_path / "data.csv", synthetic(400)), str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "finetune_classify.py", "--data", data, "--init_from", lm_dir, "--out_dir", out,
+                        "--trainable", "all", "--lr", "3e-3", "--epochs", "8", "--device", "cpu", "--dtype", "float32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny matmuls: one thread, immune to a busy CPU
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        events = [json.loads(line) for line in f]
+    assert [e["epoch"] for e in events[:-1]] == list(range(1, 9))
+    assert all({"step", "val_acc", "val_loss", "train_loss"} <= e.keys() for e in events[:-1])
+    assert events[-1]["test_acc"] >= 0.95, r.stdout
+    r = subprocess.run([sys.executable, "finetune_classify.py", "--init_from", out, "--device", "cpu",
+                        "--predict", "this is a pizza that was on the"], cwd=ROOT, capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0] == "food" and len(lines) == 4, r.stdout + r.stderr
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == ["food", "sports", "tech"]
+
+
+def test_head_only_leaves_the_transformer_unchanged_and_notes_truncation(tmp_path, capsys):
+    _, lm_dir = make_hf(tmp_path, vocab_size=50257)
+    rows = synthetic(40) + [(" ".join(["the"] * 100) + " pizza", "food")]  # 101 tokens > block_size 64
+    out = str(tmp_path / "out")
+    main(["--train", write_csv(tmp_path / "t.csv", rows), "--val", write_csv(tmp_path / "v.csv", rows[:10]),
+          "--init_from", lm_dir, "--out_dir", out, "--trainable", "head", "--max_length", "1000",
+          "--epochs", "1", "--device", "cpu", "--dtype", "float32"])
+    assert "note: 1 of 51 texts are longer than 64 tokens; kept their first 64" in capsys.readouterr().out
+    before, after = GPTClassifier.from_pretrained(lm_dir, num_labels=3), GPTClassifier.from_pretrained(out)
+    for k, v in before.transformer.state_dict().items():
+        assert torch.equal(v, after.transformer.state_dict()[k]), k
+    assert not torch.equal(before.score.weight, after.score.weight)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: ["--data", write_csv(p / "d.csv", [("a b", "x")] * 5, header=("text", "y"))],
+     "d.csv: no column 'label' (columns: text, y; set --label_field)"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "pos"}] * 3)],
+     "d.jsonl: line 2: label 'pos' mixes integers and class names (first label 0"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a", "label": 1.5}] * 3)],
+     "d.jsonl: line 1: label 1.5 is neither an integer nor a class name"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a", "label": "x"}] * 3)],
+     "every label is 'x'; need at least two classes"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a"}])], "d.jsonl: line 1: no field 'label'"),
+    (lambda p: ["--train", write_csv(p / "t.csv", synthetic(5)), "--val", str(p / "v.jsonl")],
+     "--val {p}/v.jsonl: no such file"),
+    (lambda p: ["--data", write_text(p / "d.jsonl", '{"text": "a", "label": 0}\n{"text": "b",\n')],
+     "d.jsonl: line 2: not valid JSON"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [])], "--data {p}/d.jsonl: no rows (an empty file?)"),
+    (lambda p: ["--data", str(p / "nope.csv")], "--data {p}/nope.csv: no such file"),
+    (lambda p: ["--data", write_jsonl(p / "d.txt", [])], "d.txt: unknown extension; expected .csv or .jsonl"),
+    (lambda p: ["--train", write_jsonl(p / "d.jsonl", [])], "give --data FILE, or --train FILE --val FILE"),
+    (lambda p: ["--data", "x.csv", "--trainable", "some"], "argument --trainable: invalid choice: 'some'"),
+    (lambda p: ["--data", write_csv(p / "d.csv", synthetic(5)), "--init_from", str(p)],
+     "--init_from: {p} holds no model (config.json) and no complete checkpoint"),
+    (lambda p: ["--init_from", make_hf(p, vocab_size=50257)[1], "--predict", "hi"], "has no classification head"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, message):
+    args = make(tmp_path) + ["--device", "cpu"]
+    capsys.readouterr()  # drop what preparing the inputs printed
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and message.format(p=tmp_path) in err[0], err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "finetune_classify.py", "--data", str(tmp_path / "missing.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"error: --data {tmp_path / 'missing.jsonl'}: no such file\n"
