@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
+from train_gpt2 import ConfigError, OneLineParser, pick_dtype, resolve_device
 
 WHAT = ("train", "generate", "loader", "tokenize")
 
@@ -72,6 +74,18 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def matmul_flops(device, dtype, n, k, m):
+    """FLOP/s of one (n, k) @ (k, m) matmul in dtype: what the device sustains on a training step's GEMMs."""
+    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, m, device=device, dtype=dtype)
+
+    def mm():
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    mm()
+    return 2 * n * k * m / interleaved({"mm": mm}, 5)["mm"]
+
+
 def same_weights_hf(ours, **kwargs):
     """Hugging Face GPT2LMHeadModel with our model's weights, through our HF export."""
     from transformers import GPT2LMHeadModel
@@ -81,7 +95,6 @@ def same_weights_hf(ours, **kwargs):
 
 
 def bench_train(args, device, dtype):
-    from train_gpt2 import pick_dtype
     dtype = pick_dtype(dtype, device)
     device_type = "cuda" if device.startswith("cuda") else device
     config = GPTConfig(block_size=args.seq_len, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
@@ -124,23 +137,26 @@ def bench_train(args, device, dtype):
     seconds = interleaved(steps, args.repeats, per_round=args.steps)
     tokens = args.batch * args.seq_len
     rate = {name: tokens / s for name, s in seconds.items()}
+    # the ceiling: model FLOPs per second against this device's speed on the step's largest matmul
     flops, peak_flops = ours.flops_per_token(args.seq_len), None
+    mm_flops = matmul_flops(device, getattr(torch, dtype), tokens, args.n_embd, 50304)
     if device_type == "cuda":
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
     print(f"train: {args.n_layer}L/{args.n_head}H/{args.n_embd}, vocab 50304, B={args.batch}, T={args.seq_len}, "
           f"{device}, {dtype}, fwd+bwd+AdamW, median of {args.repeats}x{args.steps} steps")
+    print(f"  a ({tokens} x {args.n_embd}) @ ({args.n_embd} x 50304) matmul here: {mm_flops / 1e9:.1f} GFLOP/s")
     mem_label = "peak alloc" if device_type == "cuda" else "peak RSS +"
     for name, r in rate.items():
         mfu = f"  MFU {flops * r / peak_flops:5.1%}" if peak_flops else ""
         mem = f"{memory[name] / 2**20:8.0f} MiB" if memory[name] is not None else "       n/a"
-        print(f"  {name:<28} {r:9.1f} tok/s  {mem_label} {mem}{mfu}")
+        print(f"  {name:<28} {r:9.1f} tok/s  {flops * r / mm_flops:4.0%} of matmul speed  {mem_label} {mem}{mfu}")
     trained, eager = rate["ours (as trained: compiled)"], rate["ours eager"]
     ratios = {"ours_vs_hf_compiled": trained / rate["HF sdpa compiled"], "ours_vs_hf_eager": trained / rate["HF sdpa eager"],
               "ours_eager_vs_hf_eager": eager / rate["HF sdpa eager"]}
     print(f"  ours / HF compiled {ratios['ours_vs_hf_compiled']:.2f}x (goal >= 1.2x), ours / HF eager "
           f"{ratios['ours_vs_hf_eager']:.2f}x (goal >= 3x), eager / eager {ratios['ours_eager_vs_hf_eager']:.2f}x")
     return {"config": {**vars(args), "device": device, "dtype": dtype}, "tokens_per_sec": rate,
-            "peak_memory_bytes": memory, "ratios": ratios,
+            "peak_memory_bytes": memory, "ratios": ratios, "flops_per_token": flops, "matmul_flops_per_sec": mm_flops,
             **({"mfu": {n: flops * r / peak_flops for n, r in rate.items()}} if peak_flops else {})}
 
 
@@ -153,7 +169,7 @@ def greedy_recompute(model, idx, n):
 
 
 def bench_generate(args, device, dtype):
-    dtype = "float32" if dtype == "auto" and not device.startswith("cuda") else "bfloat16" if dtype == "auto" else dtype
+    dtype = pick_dtype(dtype, device)  # the weights' dtype here
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=50257)
     ours = GPT(config).eval()
     hf = same_weights_hf(ours).to(device, getattr(torch, dtype)).eval()
@@ -245,7 +261,7 @@ def bench_tokenize(args, device, dtype):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="*", help=f"any of {', '.join(WHAT)} (default: all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -271,8 +287,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args = parse_args(argv)
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     cuda = device.startswith("cuda")
     result = {}
     for what in dict.fromkeys(args.what):

@@ -3,20 +3,19 @@ GPT2ForSequenceClassification, whose file format it loads and saves.
 
     python finetune_classify.py --data reviews.csv --init_from gpt2 --out_dir out-classify   # split 80/10/10
     python finetune_classify.py --train t.jsonl --val v.jsonl --test s.jsonl --trainable head
-    python finetune_classify.py --init_from out-classify --predict "What a wonderful film"
+    python finetune_classify.py --out_dir out-classify --predict "What a wonderful film"
 
-Data: .csv (with a header row) or .jsonl, fields --text_field (text) and --label_field (label). Labels
-are integers 0..K-1 or class names (ids in sorted order, saved as id2label). Texts are encoded with
-GPT-2's BPE and cut to --max_length tokens, keeping their start (a note says how many were cut);
-batches are right-padded with <|endoftext|> under an attention mask. After each epoch the model
-with the best val accuracy so far is written to out_dir; the test accuracy is that model's.
+Data: .csv (with a header row) or .jsonl, fields --text_field (text) and --label_field (label). Labels are
+integers 0..K-1 or class names (ids in sorted order, saved as id2label). A --val or --test not given is 10%
+of --train (seeded). Texts are encoded with GPT-2's BPE and cut to --max_length tokens, keeping their start
+(a note says how many were cut); batches are right-padded with <|endoftext|> under an attention mask. After
+each epoch the model with the best val accuracy so far is written to out_dir; the test accuracy is that model's.
 """
 import argparse
 import csv
 import json
 import os
 import random
-import re
 import sys
 
 import torch
@@ -24,11 +23,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data.fineweb import _field, _json
+from data.fineweb import parse_json_line, text_field_of
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
 from model import GPT, config_to_hf, configure_optimizers, hf_to_ours, load_checked, ours_to_hf, read_hf_dir
-from train_gpt2 import ConfigError, MetricsLog, OneLineParser, load_init, pick_dtype, resolve_init, setup_dist
+from train_gpt2 import (ConfigError, MetricsLog, OneLineParser, load_init, make_autocast, pick_dtype, resolve_device,
+                        resolve_init)
 
 EXTENSIONS = (".csv", ".jsonl")
 TRAINABLE = {"head": ("score.",), "last_block": ("score.", "transformer.h.{last}.", "transformer.ln_f."), "all": ("",)}
@@ -52,12 +52,11 @@ class GPTClassifier(nn.Module):
         """idx (B, T) -> logits (B, num_labels). attention_mask (B, T): 1 for tokens, 0 for RIGHT padding;
         None means every token is real. Attention is causal, so padding never reaches a real token."""
         B, T = idx.size()
-        t = self.transformer
-        x = t.drop(t.wte(idx) + t.wpe(torch.arange(T, device=idx.device)))  # (B, T, C)
-        for block in t.h:
-            x = block(x)
-        last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1, device=idx.device)
-        return self.score(t.ln_f(x[torch.arange(B, device=idx.device), last]))  # (B, num_labels)
+        x = GPT.hidden_states(self, idx)  # (B, T, C); it uses only .config and .transformer, which we share
+        last = torch.full((B,), T, device=idx.device) if attention_mask is None else attention_mask.long().sum(1)
+        if (last == 0).any():
+            raise ValueError("attention_mask has a row without a real token")
+        return self.score(x[torch.arange(B, device=idx.device), last - 1])  # (B, num_labels)
 
     @classmethod
     def from_pretrained(cls, name_or_path, num_labels=None):
@@ -110,7 +109,7 @@ def read_rows(path, flag, text_field, label_field):
         raise DataError(f"{flag} {path}: unknown extension; expected {' or '.join(EXTENSIONS)}")
     rows = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drop the BOM Excel writes
             if path.endswith(".csv"):
                 reader = csv.DictReader(f)
                 for name, field in (("text_field", text_field), ("label_field", label_field)):
@@ -119,11 +118,14 @@ def read_rows(path, flag, text_field, label_field):
                                         f"set --{name})")
                 records = ((rec, f"{path}: line {reader.line_num}") for rec in reader)
             else:
-                records = ((_json(line, path, n), f"{path}: line {n}") for n, line in enumerate(f, 1) if line.strip())
+                records = ((parse_json_line(line, path, n), f"{path}: line {n}")
+                           for n, line in enumerate(f, 1) if line.strip())
             for rec, where in records:
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: not a JSON object")
                 if label_field not in rec or rec[label_field] is None:
                     raise DataError(f"{where}: no field {label_field!r} (set --label_field)")
-                rows.append((_field(rec, text_field, where), rec[label_field], where))
+                rows.append((text_field_of(rec, text_field, where), rec[label_field], where))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except csv.Error as e:
@@ -138,7 +140,7 @@ def label_value(raw, where):
     if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).strip():
         raise DataError(f"{where}: label {raw!r} is neither an integer nor a class name")
     s = str(raw).strip()
-    return int(s) if re.fullmatch(r"-?\d+", s) else s
+    return int(s) if s.removeprefix("-").isdecimal() else s
 
 
 def label_names(rows):
@@ -160,8 +162,7 @@ def label_names(rows):
 
 
 def tokenize(enc, texts, max_length):
-    """Token ids of each text cut to max_length, keeping the start (an empty text is one <|endoftext|>),
-    and how many texts were cut."""
+    """Each text's token ids cut to max_length, keeping the start (an empty text: [EOT]), and how many were cut."""
     ids = enc.encode_ordinary_batch(texts)
     return [t[:max_length] or [EOT] for t in ids], sum(len(t) > max_length for t in ids)
 
@@ -169,8 +170,7 @@ def tokenize(enc, texts, max_length):
 def collate(examples, device):
     """[(ids, label)] -> idx (B, T) right-padded with <|endoftext|>, attention mask (B, T), labels (B,)."""
     T = max(len(ids) for ids, _ in examples)
-    idx = torch.full((len(examples), T), EOT, dtype=torch.long)  # (B, T)
-    mask = torch.zeros_like(idx)  # (B, T)
+    idx, mask = torch.full((len(examples), T), EOT), torch.zeros(len(examples), T, dtype=torch.long)  # (B, T) each
     for i, (ids, _) in enumerate(examples):
         idx[i, :len(ids)], mask[i, :len(ids)] = torch.tensor(ids), 1
     return idx.to(device), mask.to(device), torch.tensor([y for _, y in examples], device=device)  # (B,)
@@ -199,18 +199,19 @@ def set_trainable(model, which):
 
 
 def load_splits(args):
-    """(label names, {'train', 'val', 'test': rows}) from --data (shuffled with --seed, split 80/10/10) or
-    from --train/--val/--test. Labels are checked in file order, so an error names the first odd line."""
-    fields = (args.text_field, args.label_field)
-    if args.data:
-        rows = read_rows(args.data, "--data", *fields)
-        if len(rows) < 3:
-            raise DataError(f"--data {args.data}: {len(rows)} rows cannot be split 80/10/10; need at least 3")
-        names, rows, k = label_names(rows), random.Random(args.seed).sample(rows, len(rows)), max(1, len(rows) // 10)
-        return names, {"train": rows[2 * k:], "val": rows[:k], "test": rows[k:2 * k]}
-    splits = {split: read_rows(path, f"--{split}", *fields) if path else []
-              for split, path in (("train", args.train), ("val", args.val), ("test", args.test))}
-    return label_names([r for rows in splits.values() for r in rows]), splits
+    """(label names, {'train', 'val', 'test': rows}); a split not given is 10% of --data/--train (shuffled with
+    --seed). Labels are checked in file order, so an error names the first odd line."""
+    flag, train = ("--data", args.data) if args.data else ("--train", args.train)
+    splits = {split: read_rows(path, f"--{split}" if split != "train" else flag, args.text_field, args.label_field)
+              for split, path in (("train", train), ("val", args.val), ("test", args.test)) if path}
+    names, rows = label_names([r for rows in splits.values() for r in rows]), splits["train"]
+    missing = [split for split in ("val", "test") if split not in splits]
+    if len(rows) <= len(missing):
+        raise DataError(f"{flag} {train}: {len(rows)} rows are too few to split off {' and '.join(missing)}")
+    if missing:  # the same split as ever for --data: val, test, then train
+        rows, k = random.Random(args.seed).sample(rows, len(rows)), max(1, len(rows) // 10)
+        splits.update({s: rows[i * k:(i + 1) * k] for i, s in enumerate(missing)}, train=rows[len(missing) * k:])
+    return names, splits
 
 
 def train(args, device, autocast):
@@ -233,7 +234,6 @@ def train(args, device, autocast):
           f"labels {names}, trainable: {args.trainable}")
     set_trainable(model, args.trainable)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = configure_optimizers(model, 0.01, args.lr or DEFAULT_LR[args.trainable], betas=(0.9, 0.999),
                                      device_type=torch.device(device).type)
     total = args.epochs * -(-len(data["train"]) // args.batch_size)
@@ -251,7 +251,7 @@ def train(args, device, autocast):
                 loss = F.cross_entropy(model(idx, mask).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # frozen ones have no grad
             optimizer.step()
             schedule.step()
             step, loss_sum = step + 1, loss_sum + loss.item() * len(y)
@@ -259,17 +259,16 @@ def train(args, device, autocast):
         val_acc, val_loss = evaluate(model, data["val"], args.batch_size, device, autocast)
         event = dict(epoch=epoch, step=step, val_acc=val_acc, val_loss=val_loss, train_loss=loss_sum / len(order))
         log.write(**event)
-        saved = best is None or (val_acc, -val_loss) > best
-        if saved:
+        if saved := best is None or (val_acc, -val_loss) > best:
             best = (val_acc, -val_loss)
             model.save_pretrained(args.out_dir)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items())
               + (f" | saved {args.out_dir}" if saved else ""))
-    if data["test"]:
-        best_model = GPTClassifier.from_pretrained(args.out_dir).to(device)
-        test_acc, test_loss = evaluate(best_model, data["test"], args.batch_size, device, autocast)
-        log.write(step=step, test_acc=test_acc, test_loss=test_loss)
-        print(f"test acc {test_acc:.4f} | test loss {test_loss:.4f} (best val epoch's model, {args.out_dir})")
+    del model, optimizer, schedule  # free the last epoch's weights and AdamW state before loading the best
+    model = GPTClassifier.from_pretrained(args.out_dir).to(device)
+    test_acc, test_loss = evaluate(model, data["test"], args.batch_size, device, autocast)
+    log.write(step=step, test_acc=test_acc, test_loss=test_loss)
+    print(f"test acc {test_acc:.4f} | test loss {test_loss:.4f} (best val epoch's model, {args.out_dir})")
 
 
 def predict(args, device, autocast):
@@ -285,13 +284,14 @@ def predict(args, device, autocast):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="one .csv/.jsonl file, split 80/10/10 (seeded)")
-    p.add_argument("--train", help="train file (.csv/.jsonl), with --val and optionally --test")
+    p.add_argument("--data", help="one .csv/.jsonl file, split 80/10/10 (seeded), as --train without --val/--test")
+    p.add_argument("--train", help="train file (.csv/.jsonl); a --val or --test not given is 10%% of it")
     p.add_argument("--val", help="val file: picks the best epoch")
     p.add_argument("--test", help="test file: accuracy of the best model at the end")
     p.add_argument("--text_field", default="text")
     p.add_argument("--label_field", default="label")
-    p.add_argument("--init_from", default="gpt2", help="gpt2*, an HF GPT-2 (LM or classifier) dir, our out_dir")
+    p.add_argument("--init_from", help="gpt2*, an HF GPT-2 (LM or classifier) dir, our out_dir; default: gpt2 "
+                                       "(to train) or --out_dir (to --predict)")
     p.add_argument("--out_dir", default="out-classify")
     p.add_argument("--max_length", type=int, default=128, help="tokens per text (start kept; capped at block_size)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -299,29 +299,27 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help=f"AdamW lr (default by --trainable: {DEFAULT_LR})")
     p.add_argument("--trainable", default="all", choices=list(TRAINABLE))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="autocast: auto | bfloat16 | float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--predict", help="print the label of this text with --init_from a saved classifier")
+    p.add_argument("--predict", help="print the label of this text by a saved classifier")
     args = p.parse_args(argv)
     for name in ("max_length", "batch_size", "epochs", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
-    if not (args.device in ("auto", "cpu", "cuda", "mps") or args.device.startswith("cuda:")):
-        raise ConfigError(f"--device: unknown device {args.device!r}")
-    if args.dtype not in ("auto", "bfloat16", "float32"):
-        raise ConfigError(f"--dtype: expected auto, bfloat16 or float32, got {args.dtype!r}")
-    if (args.predict is None and not (args.data or (args.train and args.val))) or (args.data and args.train):
-        raise ConfigError("give --data FILE, or --train FILE --val FILE [--test FILE] (or --predict TEXT)")
+    if (args.predict is None and not (args.data or args.train)) or (args.data and args.train):
+        raise ConfigError("give --data FILE or --train FILE [--val FILE] [--test FILE] (or --predict TEXT)")
+    args.init_from = args.init_from or (args.out_dir if args.predict is not None else "gpt2")
     return args
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ConfigError("finetune_classify.py runs in one process; start it with python, not torchrun")
         torch.manual_seed(args.seed)
-        device = setup_dist(args.device).device
-        bf16 = pick_dtype(args.dtype, device) == "bfloat16"
-        autocast = torch.autocast("cuda" if device.startswith("cuda") else device, dtype=torch.bfloat16, enabled=bf16)
+        device = resolve_device(args.device)
+        autocast = make_autocast(pick_dtype(args.dtype, device), device)
         (predict if args.predict is not None else train)(args, device, autocast)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

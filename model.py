@@ -183,14 +183,7 @@ class GPT(nn.Module):
         full (B, T, vocab) logits never exist (they are the largest tensor of a training step).
         """
         B, T = idx.size()
-        past = 0 if cache is None else cache.length
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx, cache)  # (B, T, C)
         if targets is not None:
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -201,6 +194,18 @@ class GPT(nn.Module):
             cache.length += T
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab)
+
+    def hidden_states(self, idx, cache=None):
+        """idx (B, T) -> the final hidden states ln_f(x) (B, T, C), before the lm_head (heads share this)."""
+        B, T = idx.size()
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        return self.transformer.ln_f(x)
 
     # ----- sampling -----
 

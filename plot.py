@@ -5,7 +5,7 @@
 
 Two panels, as in build-nanogpt's play.ipynb: (1) train loss (light) and val loss with OpenAI
 GPT-2 124M's val loss on FineWeb-Edu val; (2) HellaSwag acc_norm with GPT-2 124M's and GPT-3
-124M's scores. explore.ipynb imports read_metrics and plot_runs from here.
+124M's scores. explore.ipynb imports load_runs and plot_runs from here. No torch import, so it starts fast.
 """
 import argparse
 import json
@@ -24,6 +24,14 @@ GPT3_124M_HELLASWAG = 0.337  # acc_norm, GPT-3 paper's 125M model
 
 class MetricsError(ValueError):
     """A missing or malformed metrics file: reported in one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one `error:` line, exit code 2, as the other scripts (train_gpt2's, not imported:
+    it would import torch)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def metrics_path(run):
@@ -63,13 +71,20 @@ def read_metrics(path):
     return {key: (sorted(points), [points[s] for s in sorted(points)]) for key, points in by_key.items()}
 
 
+def load_runs(runs):
+    """{run: read_metrics' dict} for each run (an out_dir or a metrics file), in order."""
+    return {run: read_metrics(metrics_path(run)) for run in runs}
+
+
 def plot_runs(runs, out=None):
-    """Draw the two panels for each run (an out_dir or a metrics file); save to `out` if given.
+    """Draw the two panels for each run; save to `out` if given. `runs` is a list of out_dirs or metrics
+    files, or load_runs' dict when the caller has read them already.
 
     Returns the matplotlib Figure. It is built without pyplot, so importing or calling this never
     changes the caller's backend (a notebook still shows it inline) and leaks no global figures.
     """
-    data = [(os.path.basename(os.path.normpath(r)) or r, read_metrics(metrics_path(r))) for r in runs]
+    runs = runs if isinstance(runs, dict) else load_runs(runs)
+    data = [(os.path.basename(os.path.normpath(r)) or r, m) for r, m in runs.items()]
     fig = Figure(figsize=(14, 5), layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, hella_ax = fig.subplots(1, 2, sharex=True)  # one step axis, also when HellaSwag is empty
@@ -110,16 +125,17 @@ def summary(metrics):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="training out_dir(s) with metrics.jsonl")
     parser.add_argument("--out", help="PNG to write (default: OUT_DIR/loss.png for one run, loss.png for several)")
     args = parser.parse_args(argv)
     out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
                        else "loss.png")
     try:
-        plot_runs(args.runs, out)
-        for run in args.runs:
-            print(f"{run}: {summary(read_metrics(metrics_path(run)))}")
+        runs = load_runs(args.runs)
+        plot_runs(runs, out)
+        for run, metrics in runs.items():
+            print(f"{run}: {summary(metrics)}")
     except (MetricsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

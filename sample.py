@@ -15,7 +15,7 @@ import torch
 
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
-from train_gpt2 import ConfigError, OneLineParser, load_init, parse_bool, pick_dtype
+from train_gpt2 import ConfigError, OneLineParser, load_init, parse_bool, pick_dtype, resolve_device
 
 
 def parse_args(argv=None):
@@ -68,9 +68,7 @@ def stream(model, enc, idx, args, generator, out=sys.stdout):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = resolve_device(args.device)
         model = load_init(args.init_from)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

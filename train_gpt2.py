@@ -88,10 +88,10 @@ PRESETS = {
         hellaswag_interval=0, sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
         compile=False),  # measured on a 2-core CPU: compile costs ~40 s and gains nothing in float32
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
-    # step, lr 3e-5): a small, slowly decaying lr after a short warmup, eval, samples and checkpoints often.
+    # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
     "finetune": dict(
         init_from="gpt2", data_dir="data/shards/shakespeare", out_dir="out-ft", seq_len=1024, batch_size=8,
-        total_batch_size=32768, max_steps=200, max_lr=3e-5, min_lr=3e-6, warmup_steps=10, dropout=0.1,
+        total_batch_size=32768, max_steps=200, max_lr=3e-5, min_lr=3e-5, warmup_steps=10, dropout=0.1,
         eval_interval=20, val_steps=10, hellaswag_interval=0, sample_interval=50, sample_prompt="ROMEO:\n",
         sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
 }
@@ -136,7 +136,7 @@ def validate(cfg, world_size):
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
-    need(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"--device: unknown device {cfg.device!r}")
+    resolve_device(cfg.device)
     need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -153,8 +153,6 @@ def validate(cfg, world_size):
          f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
          f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
     need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
-    need(not cfg.hellaswag_interval or cfg.init_from != "scratch" or cfg.vocab_size >= REAL_VOCAB,
-         f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but --vocab_size is {cfg.vocab_size} (0 turns it off)")
     need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
@@ -211,10 +209,23 @@ class Dist:
         return t
 
 
+def resolve_device(device):
+    """--device: auto -> cuda, else mps, else cpu; otherwise one of cpu, cuda, cuda:N, mps."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def make_autocast(dtype, device):
+    """The context the forward passes run in: bf16 autocast when dtype is 'bfloat16', else a no-op."""
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def setup_dist(device):
     """Start torch.distributed under torchrun (NCCL on CUDA, gloo on CPU) and pick the device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = resolve_device(device)
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -425,10 +436,18 @@ def train(cfg):
     grad_accum = cfg.total_batch_size // (B * T * W)
 
     train_paths, val_paths = find_shards(cfg, "train", d), find_shards(cfg, "val", d)
-    # read once, now: a missing or malformed file stops the run before training, not hours into it
-    hs_examples = hellaswag.load_examples(cfg.hellaswag_path or hellaswag.download()) if cfg.hellaswag_interval else []
+    # read once, now: a missing or malformed file stops the run before training, not hours into it;
+    # the val set is downloaded by rank 0 alone, the other ranks wait for it
+    hs_examples = hellaswag.load_on_ranks(cfg.hellaswag_path, d) if cfg.hellaswag_interval else []
     model = build_model(cfg).to(d.device)
     vocab = model.config.vocab_size
+    # checks that need the model: pretrained weights bring their own context length and vocabulary
+    if cfg.seq_len > model.config.block_size:
+        raise ConfigError(f"--seq_len {cfg.seq_len} is longer than the model's context ({model.config.block_size}"
+                          f" tokens, {cfg.init_from})")
+    if cfg.hellaswag_interval and vocab < REAL_VOCAB:
+        raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
+                          f"(--hellaswag_interval 0 turns it off)")
     validate_shards(train_paths, min(vocab, 50257), B * T * W + 1)
     validate_shards(val_paths, min(vocab, 50257), B * T * W + 1)
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -441,7 +460,7 @@ def train(cfg):
     compiled = torch.compile(model) if cfg.compile else model
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = make_autocast(cfg.dtype, d.device)
     from data.tokenizer import get_encoding
     enc = get_encoding()
 

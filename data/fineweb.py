@@ -13,8 +13,8 @@ Usage:
     python data/fineweb.py --input my_texts/ --prefix mytext --shard_size 10000000
 """
 import argparse
+import itertools
 import json
-import multiprocessing as mp
 import os
 import sys
 
@@ -31,20 +31,18 @@ EXTENSIONS = (".txt", ".jsonl", ".parquet")
 HUB_VAL_TOKENS = 10**8  # build-nanogpt's val shard 0
 
 
-def encode_doc(text):
-    """One document -> uint16 tokens, <|endoftext|> first. Runs in the pool's workers."""
-    return np.array([EOT] + get_encoding().encode_ordinary(text), dtype=np.uint16)  # (n,)
+def tokenize(texts, num_threads=None, batch=256):
+    """Yield each text's tokens, uint16 with <|endoftext|> first, in order.
 
-
-def tokenize(texts, num_proc=None):
-    """Yield encode_doc(text) for each text, in order; num_proc > 1 spreads the work over a Pool."""
-    num_proc = num_proc or max(1, os.cpu_count() // 2)
-    get_encoding()  # install the vocab once, here, before workers race for it
-    if num_proc == 1:
-        yield from map(encode_doc, texts)
-        return
-    with mp.Pool(num_proc, initializer=get_encoding) as pool:
-        yield from pool.imap(encode_doc, texts, chunksize=16)
+    tiktoken's BPE runs in Rust without holding the GIL, so batches of documents are encoded on
+    num_threads threads of this process (default: every core). build-nanogpt uses a process pool
+    instead, which pickles every document and token array between processes; `python bench.py
+    tokenize` compares the two on the same documents.
+    """
+    enc, texts = get_encoding(), iter(texts)
+    while chunk := list(itertools.islice(texts, batch)):
+        for tokens in enc.encode_ordinary_batch(chunk, num_threads=num_threads or os.cpu_count()):
+            yield np.array([EOT] + tokens, dtype=np.uint16)  # (n,)
 
 
 def input_files(path):
@@ -78,7 +76,7 @@ def _read_file(path, text_field):
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
-                    yield _field(_json(line, path, line_no), text_field, f"{path}: line {line_no}")
+                    yield text_field_of(parse_json_line(line, path, line_no), text_field, f"{path}: line {line_no}")
     else:
         import pyarrow.parquet as pq
 
@@ -92,17 +90,17 @@ def _read_file(path, text_field):
         for batch in table.iter_batches(columns=[text_field]):
             for value in batch.column(0).to_pylist():
                 row += 1
-                yield _field({text_field: value}, text_field, f"{path}: row {row}")
+                yield text_field_of({text_field: value}, text_field, f"{path}: row {row}")
 
 
-def _json(line, path, line_no):
+def parse_json_line(line, path, line_no):
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
 
 
-def _field(record, text_field, where):
+def text_field_of(record, text_field, where):
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise DataError(f"{where}: no string field {text_field!r} (set --text_field)")
     return record[text_field]
@@ -138,7 +136,7 @@ def split_first(docs, val_tokens):
 
 
 def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_size=10**8,
-            val_tokens=None, text_field="text", num_proc=None, progress=True):
+            val_tokens=None, text_field="text", num_threads=None, progress=True):
     """Tokenize the hub dataset `name`, or local `input`, into shards in out_dir; return counts."""
     if input is None:
         texts, val_tokens = hub_texts(name, text_field), val_tokens or HUB_VAL_TOKENS
@@ -149,7 +147,7 @@ def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_
             val_tokens = max(1, sum(os.path.getsize(f) for f in files) // 4 // 10)
     if shard_size < 1 or val_tokens < 1:
         raise DataError(f"--shard_size {shard_size} and --val_tokens {val_tokens} must be >= 1")
-    docs = split_first(tokenize(texts, num_proc), val_tokens)
+    docs = split_first(tokenize(texts, num_threads), val_tokens)
     return write_splits(docs, out_dir, prefix, shard_size, progress=progress,
                         hint=f" (val_tokens {val_tokens} took every document; lower --val_tokens)")
 
@@ -163,12 +161,12 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per train shard")
     p.add_argument("--val_tokens", type=int, help="tokens of whole documents for val (default: 1e8 hub, 10%% local)")
     p.add_argument("--text_field", default="text", help="the document field of .jsonl/.parquet rows")
-    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores)")
+    p.add_argument("--num_threads", type=int, help="tokenizer threads (default: every core)")
     args = p.parse_args(argv)
     out_dir = args.out_dir or os.path.join(SHARDS_DIR, args.prefix)
     try:
         counts = prepare(out_dir, args.input, args.name, args.prefix, args.shard_size, args.val_tokens,
-                         args.text_field, args.num_proc)
+                         args.text_field, args.num_threads)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -53,6 +54,15 @@ def download(cache_dir=CACHE_DIR, url=URL, timeout=60):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def load_on_ranks(path, d):
+    """load_examples(path, or the val set) on every rank of Dist d; the val set is downloaded by rank 0
+    alone while the others wait at a barrier, then find it cached."""
+    path = path or (download() if d.master else "")
+    if d.world_size > 1:
+        dist.barrier()
+    return load_examples(path or download())
 
 
 def problem(ex):
@@ -87,6 +97,8 @@ def load_examples(path):
             ex = json.loads(line)
         except ValueError as e:  # bad JSON or bad UTF-8
             raise DataError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if isinstance(ex, dict) and ex.get("label") in ("0", "1", "2", "3"):
+            ex["label"] = int(ex["label"])  # Hugging Face datasets' exports write the label as a string
         if (why := problem(ex)) is not None:
             raise DataError(f"{path}:{n}: {why}")
         examples.append(ex)
@@ -160,18 +172,17 @@ def evaluate(model, examples, enc, batch_size=16, autocast=None, progress=False)
 
 def main(argv=None):
     from data.tokenizer import get_encoding
-    from train_gpt2 import ConfigError, OneLineParser, load_init, pick_dtype
+    from train_gpt2 import ConfigError, OneLineParser, load_init, make_autocast, pick_dtype, resolve_device
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="out_dir, ckpt dir, HF dir or gpt2* name (default: gpt2)")
     p.add_argument("--jsonl", default="", help=f"a local HellaSwag jsonl (default: the val set, cached in {CACHE_DIR})")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="autocast dtype")
     p.add_argument("--batch_size", type=int, default=16, help="examples (4 rows each) per forward")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
     try:
         args = p.parse_args(argv)
-        if args.device not in ("auto", "cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
-            raise ConfigError(f"--device: unknown device {args.device!r}")
+        device = resolve_device(args.device)
         if args.batch_size <= 0 or args.limit < 0:
             raise ConfigError(f"--batch_size must be positive and --limit not negative, got {args.batch_size}, {args.limit}")
         examples = load_examples(args.jsonl or download())[:args.limit or None]
@@ -184,12 +195,9 @@ def main(argv=None):
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dtype = pick_dtype(args.dtype, device)
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    counts = evaluate(model.to(device), examples, get_encoding(), args.batch_size, autocast, progress=True)
+    counts = evaluate(model.to(device), examples, get_encoding(), args.batch_size, make_autocast(dtype, device),
+                      progress=True)
     correct, correct_norm, total = counts.tolist()
     print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
 

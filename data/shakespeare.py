@@ -59,7 +59,7 @@ def prepare(out_dir=OUT_DIR, cache_dir=CACHE_DIR, progress=True):
     plays = read_plays(download(cache_dir))
     texts = [text for _, text in plays]
     splits = ["val" if name in VAL_PLAYS else "train" for name, _ in plays]
-    write_splits(zip(splits, tokenize(texts, num_proc=1)), out_dir, "shakespeare", progress=progress)
+    write_splits(zip(splits, tokenize(texts)), out_dir, "shakespeare", progress=progress)
     return out_dir
 
 

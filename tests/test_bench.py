@@ -1,4 +1,4 @@
-"""bench.py runs end to end on a tiny shape (no timing is asserted: speed goals live in the README)."""
+"""bench.py runs every benchmark end to end on tiny shapes (no timing is asserted: goals live in the README)."""
 import json
 import subprocess
 import sys
@@ -6,12 +6,32 @@ import sys
 from conftest import ROOT
 
 
-def test_generate_bench_smoke(tmp_path):
+def bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_all_benchmarks_run_and_write_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "generate", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-                        "--new_tokens", "8", "--repeats", "1", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = bench("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch", "2", "--seq_len", "32", "--steps", "1",
+              "--new_tokens", "8", "--loader_batches", "2", "--docs", "50", "--repeats", "1", "--device", "cpu",
+              "--json", str(out))
     assert r.returncode == 0, r.stderr
-    result = json.loads(out.read_text())["generate"]
-    assert set(result["tokens_per_sec"]) == {"ours (KV cache)", "ours (recompute context)", "HF generate (cache)"}
-    assert all(v > 0 for v in result["tokens_per_sec"].values()) and set(result["ratios"]) == {"cache_vs_recompute", "ours_vs_hf"}
+    result = json.loads(out.read_text())
+    assert list(result) == ["train", "generate", "loader", "tokenize"]
+    train = result["train"]
+    assert set(train["tokens_per_sec"]) == {"ours (as trained: compiled)", "ours eager", "HF sdpa eager", "HF sdpa compiled"}
+    assert all(v > 0 for v in train["tokens_per_sec"].values()) and train["config"]["dtype"] == "float32"
+    assert set(train["ratios"]) == {"ours_vs_hf_compiled", "ours_vs_hf_eager", "ours_eager_vs_hf_eager"}
+    assert all(v > 0 for v in train["peak_memory_bytes"].values())  # Linux: peak RSS over each row's step
+    gen = result["generate"]
+    assert set(gen["tokens_per_sec"]) == {"ours (KV cache)", "ours (recompute context)", "HF generate (cache)"}
+    assert result["loader"]["tokens_per_sec"] > 0 and result["tokenize"]["documents"] == 50
+    for line in ("train: 1L/2H/32", "ours / HF compiled", "cache / recompute", "loader: ShardLoader B=64, T=1024",
+                 "ours / build-nanogpt"):
+        assert line in r.stdout, r.stdout
+
+
+def test_unknown_benchmark_is_one_line_exit_2():
+    r = bench("trian")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == \
+        ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, make_hf
-from finetune_classify import GPTClassifier, main, set_trainable
+from finetune_classify import GPTClassifier, main, read_rows, set_trainable
 from model import GPT, GPTConfig
 
 KEYWORDS = {"food": "pizza", "sports": "football", "tech": "computer"}
@@ -113,6 +113,55 @@ def test_trainable_sets():
     assert trained["all"] == {n for n, _ in model.named_parameters()}
 
 
+def test_forward_masks_and_length():
+    model = GPTClassifier(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32), num_labels=2)
+    idx, mask = padded_batch([5, 3], 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, mask.float()), model(idx, mask))  # HF-style float masks work
+        torch.testing.assert_close(model(idx, mask)[1], model(idx[1:, :3])[0])  # padding changes nothing
+        with pytest.raises(ValueError, match="attention_mask has a row without a real token"):
+            model(idx, mask * torch.tensor([[1], [0]]))
+        with pytest.raises(ValueError, match="sequence of 65 tokens is longer than block_size 64"):
+            model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_csv_with_a_bom_reads_its_header(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("text,label\nhello there,pos\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    assert read_rows(str(path), "--data", "text", "label") == [("hello there", "pos", f"{path}: line 2")]
+
+
+def test_missing_splits_are_carved_from_train(tmp_path, capsys):
+    _, lm_dir = make_hf(tmp_path, vocab_size=50257)
+    data, test = write_csv(tmp_path / "d.csv", synthetic(40)), write_csv(tmp_path / "s.csv", synthetic(7, seed=1))
+    common = ["--init_from", lm_dir, "--trainable", "head", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
+    metrics = []
+    for i, flags in enumerate((["--data", data], ["--train", data], ["--train", data, "--test", test])):
+        main(flags + common + ["--out_dir", str(tmp_path / f"out{i}")])
+        with open(tmp_path / f"out{i}" / "metrics.jsonl") as f:
+            metrics.append(f.read())
+    printed = [line for line in capsys.readouterr().out.splitlines() if " train / " in line]
+    assert [line.split(",")[0] for line in printed] == ["32 train / 4 val / 4 test examples"] * 2 + \
+        ["36 train / 4 val / 7 test examples"]
+    assert metrics[0] == metrics[1]  # --train alone is split exactly as --data
+
+
+def assert_one_error_line(capsys, args, message):
+    capsys.readouterr()  # drop what preparing the inputs printed
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and message in err[0], err
+
+
+def test_torchrun_and_bad_device_are_refused(monkeypatch, capsys):
+    assert_one_error_line(capsys, ["--data", "x.csv", "--device", "gpu"], "--device: unknown device 'gpu'")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's: every rank would train alone and write the same out_dir
+    assert_one_error_line(capsys, ["--data", "x.csv"], "runs in one process; start it with python, not torchrun")
+
+
 def test_cli_fine_tunes_to_95_percent_and_predicts(tmp_path):
     _, lm_dir = make_hf(tmp_path, vocab_size=50257)
     data, out = write_csv(tmp_path / "data.csv", synthetic(400)), str(tmp_path / "out")
@@ -126,7 +175,7 @@ def test_cli_fine_tunes_to_95_percent_and_predicts(tmp_path):
     assert [e["epoch"] for e in events[:-1]] == list(range(1, 9))
     assert all({"step", "val_acc", "val_loss", "train_loss"} <= e.keys() for e in events[:-1])
     assert events[-1]["test_acc"] >= 0.95, r.stdout
-    r = subprocess.run([sys.executable, "finetune_classify.py", "--init_from", out, "--device", "cpu",
+    r = subprocess.run([sys.executable, "finetune_classify.py", "--out_dir", out, "--device", "cpu",  # no --init_from
                         "--predict", "this is a pizza that was on the"], cwd=ROOT, capture_output=True, text=True)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0] == "food" and len(lines) == 4, r.stdout + r.stderr
@@ -164,20 +213,19 @@ def test_head_only_leaves_the_transformer_unchanged_and_notes_truncation(tmp_pat
     (lambda p: ["--data", write_jsonl(p / "d.jsonl", [])], "--data {p}/d.jsonl: no rows (an empty file?)"),
     (lambda p: ["--data", str(p / "nope.csv")], "--data {p}/nope.csv: no such file"),
     (lambda p: ["--data", write_jsonl(p / "d.txt", [])], "d.txt: unknown extension; expected .csv or .jsonl"),
-    (lambda p: ["--train", write_jsonl(p / "d.jsonl", [])], "give --data FILE, or --train FILE --val FILE"),
+    (lambda p: ["--val", write_jsonl(p / "d.jsonl", [])], "give --data FILE or --train FILE [--val FILE]"),
+    *[(lambda p, bad=bad: ["--data", write_text(p / "d.jsonl", '{"text": "a", "label": 0}\n' + bad + "\n")],
+       "d.jsonl: line 2: not a JSON object") for bad in ("null", "5", "[1]")],
+    (lambda p: ["--train", write_jsonl(p / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])],
+     "--train {p}/d.jsonl: 2 rows are too few to split off val and test"),
+    (lambda p: ["--out_dir", str(p / "none"), "--predict", "hi"], "--init_from: '{p}/none' is neither a directory"),
     (lambda p: ["--data", "x.csv", "--trainable", "some"], "argument --trainable: invalid choice: 'some'"),
     (lambda p: ["--data", write_csv(p / "d.csv", synthetic(5)), "--init_from", str(p)],
      "--init_from: {p} holds no model (config.json) and no complete checkpoint"),
     (lambda p: ["--init_from", make_hf(p, vocab_size=50257)[1], "--predict", "hi"], "has no classification head"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, message):
-    args = make(tmp_path) + ["--device", "cpu"]
-    capsys.readouterr()  # drop what preparing the inputs printed
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: ") and message.format(p=tmp_path) in err[0], err
+    assert_one_error_line(capsys, make(tmp_path) + ["--device", "cpu"], message.format(p=tmp_path))
 
 
 def test_cli_error_has_no_traceback(tmp_path):

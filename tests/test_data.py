@@ -174,13 +174,13 @@ def _docs(tokens):
     return [get_encoding().decode(d[1:].tolist()) for d in np.split(tokens, starts[1:])]
 
 
-@pytest.mark.parametrize("fmt,num_proc", [("txt", 1), ("jsonl", 2), ("parquet", 1)])
-def test_fineweb_prepare_local(tmp_path, fmt, num_proc):
+@pytest.mark.parametrize("fmt,num_threads", [("txt", 1), ("jsonl", 2), ("parquet", 1)])
+def test_fineweb_prepare_local(tmp_path, fmt, num_threads):
     src = _write_inputs(tmp_path, fmt)
     field = "text" if fmt == "txt" else "body"
     out = str(tmp_path / "out")
     counts = fineweb.prepare(out, input=str(src), prefix="mine", shard_size=64, val_tokens=20,
-                             text_field=field, num_proc=num_proc, progress=False)
+                             text_field=field, num_threads=num_threads, progress=False)
     names = ["mine_val_000000.npy"] + [f"mine_train_{i:06d}.npy" for i in range(1, counts["train_shards"] + 1)]
     assert sorted(os.listdir(out)) == sorted(names)
     shards = [np.load(os.path.join(out, n)) for n in names]
@@ -195,7 +195,7 @@ def test_fineweb_single_small_txt_gives_val_and_train(tmp_path):
     text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
     (tmp_path / "mine.txt").write_text(text, encoding="utf-8")
     out = str(tmp_path / "out")
-    counts = fineweb.prepare(out, input=str(tmp_path / "mine.txt"), prefix="mine", num_proc=1, progress=False)
+    counts = fineweb.prepare(out, input=str(tmp_path / "mine.txt"), prefix="mine", num_threads=1, progress=False)
     val, train = (np.load(os.path.join(out, f"mine_{s}.npy")) for s in ("val_000000", "train_000001"))
     assert len(val) == len(text.encode()) // 4 // 10 == counts["val_tokens"] and counts["train_shards"] == 1
     assert val[0] == train[0] == EOT and (val == EOT).sum() == (train == EOT).sum() == 1
@@ -205,10 +205,10 @@ def test_fineweb_single_small_txt_gives_val_and_train(tmp_path):
 def test_fineweb_input_errors(tmp_path):
     src = _write_inputs(tmp_path, "jsonl")
     with pytest.raises(DataError, match=r"a.jsonl: line 1: no string field 'text'"):
-        fineweb.prepare(str(tmp_path / "o1"), input=str(src), num_proc=1, progress=False)
+        fineweb.prepare(str(tmp_path / "o1"), input=str(src), num_threads=1, progress=False)
     with pytest.raises(DataError, match="lower --val_tokens"):
         fineweb.prepare(str(tmp_path / "o2"), input=str(src), text_field="body", val_tokens=10**6,
-                        num_proc=1, progress=False)
+                        num_threads=1, progress=False)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="x.csv: unknown extension"):
         fineweb.prepare(str(tmp_path / "o3"), input=str(tmp_path / "x.csv"), progress=False)

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ from data.shards import DataError
 from data.tokenizer import get_encoding
 from model import GPT
 from test_train import TINY, metrics, run
-from train_gpt2 import ConfigError, parse_args, validate
 from train_gpt2 import main as train_main
 
 
@@ -95,7 +95,8 @@ GOOD = json.dumps(HELLASWAG[0])
     (json.dumps({k: v for k, v in HELLASWAG[0].items() if k not in ("label", "ctx")}), "missing ctx, label"),
     (json.dumps({**HELLASWAG[0], "endings": ["a", "b", "c"]}), "endings must be a list of 4 strings"),
     (json.dumps({**HELLASWAG[0], "label": 4}), "label must be 0, 1, 2 or 3, got 4"),
-    (json.dumps({**HELLASWAG[0], "label": "3"}), "label must be 0, 1, 2 or 3, got '3'"),
+    (json.dumps({**HELLASWAG[0], "label": "4"}), "label must be 0, 1, 2 or 3, got '4'"),
+    (json.dumps({**HELLASWAG[0], "label": ""}), "label must be 0, 1, 2 or 3, got ''"),  # HF's unlabeled test split
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -114,6 +115,29 @@ def test_load_skips_blank_lines_and_refuses_empty_or_missing_files(tmp_path):
         hellaswag.load_examples(str(tmp_path / "empty.jsonl"))
     with pytest.raises(DataError, match="nope.jsonl: cannot read"):
         hellaswag.load_examples(str(tmp_path / "nope.jsonl"))
+
+
+def test_digit_string_labels_as_hugging_face_exports_write_them(tmp_path):
+    path = tmp_path / "hf.jsonl"
+    path.write_text("".join(json.dumps({**ex, "label": str(ex["label"])}) + "\n" for ex in HELLASWAG))
+    assert hellaswag.load_examples(str(path)) == HELLASWAG
+
+
+@pytest.mark.parametrize("master, world_size, expected", [
+    (True, 1, ["download", "load"]),
+    (True, 2, ["download", "barrier", "load"]),
+    (False, 2, ["barrier", "download", "load"]),  # after the barrier: rank 0 has cached it by then
+])
+def test_only_rank_0_downloads_the_others_wait(tmp_path, monkeypatch, master, world_size, expected):
+    calls, cached = [], write_hellaswag(tmp_path / "hs.jsonl")
+    monkeypatch.setattr(hellaswag, "download", lambda: calls.append("download") or cached)
+    monkeypatch.setattr(hellaswag.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(hellaswag, "load_examples", lambda p: calls.append("load") or p)
+    d = SimpleNamespace(master=master, world_size=world_size)
+    assert hellaswag.load_on_ranks("", d) == cached and calls == expected
+    calls.clear()
+    assert hellaswag.load_on_ranks("local.jsonl", d) == "local.jsonl"  # a local file: nothing downloaded
+    assert calls == ["barrier", "load"][2 - world_size:]
 
 
 def test_download_once_atomically(tmp_path):
@@ -159,8 +183,11 @@ def test_cli_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
 def test_training_logs_hellaswag_and_checks_its_file_first(tmp_path, capsys, shakespeare_dir):
     common = TINY + ["--data_dir", shakespeare_dir, "--compile", "false", "--device", "cpu", "--max_steps", "3",
                      "--val_steps", "1", "--hellaswag_interval", "2", "--out_dir", str(tmp_path / "out")]
-    with pytest.raises(ConfigError, match="--hellaswag_interval needs GPT-2's 50257 tokens, but --vocab_size is 256"):
-        validate(parse_args(common + ["--vocab_size", "256"]), 1)
+    hs = write_hellaswag(tmp_path / "hs.jsonl")
+    with pytest.raises(SystemExit) as e:  # the model's vocabulary cannot score real GPT-2 tokens
+        train_main(common + ["--vocab_size", "256", "--hellaswag_path", hs])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--hellaswag_interval needs GPT-2's 50257 tokens, but the model has 256" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(f"{GOOD}\n{{oops\n")
     with pytest.raises(SystemExit) as e:  # stops at start, before the model is built
@@ -168,7 +195,7 @@ def test_training_logs_hellaswag_and_checks_its_file_first(tmp_path, capsys, sha
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {bad}:2: not valid JSON") and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
-    r = run(common + ["--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")], timeout=120)
+    r = run(common + ["--hellaswag_path", hs], timeout=120)
     assert r.returncode == 0, r.stderr
     logged = metrics(tmp_path / "out", "hellaswag_acc_norm")
     n = len(HELLASWAG)

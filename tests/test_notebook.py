@@ -8,7 +8,8 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from plot import GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, main, plot_runs, read_metrics
+import plot
+from plot import GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, load_runs, main, plot_runs, read_metrics
 
 NOTEBOOK = os.path.join(ROOT, "explore.ipynb")
 
@@ -91,6 +92,25 @@ def test_plot_with_hellaswag_and_two_runs(tmp_path):
     assert len(hella_ax.texts) == 0 and (tmp_path / "both.png").stat().st_size > 0
     ys = [list(line.get_ydata()) for line in hella_ax.lines]
     assert [0.25] in ys and [GPT3_124M_HELLASWAG] * 2 in ys
+
+
+def test_cli_reads_each_file_once_and_plot_runs_takes_loaded_runs(tmp_path, monkeypatch, capsys):
+    a = write_metrics(tmp_path / "a" / "metrics.jsonl", EVENTS + [{"step": 2, "hellaswag_acc_norm": 0.25}]).parent
+    b = write_metrics(tmp_path / "b" / "metrics.jsonl", EVENTS).parent
+    read = []
+    monkeypatch.setattr(plot, "read_metrics", lambda path: read.append(path) or read_metrics(path))
+    main([str(a), str(b), "--out", str(tmp_path / "both.png")])
+    assert read == [str(a / "metrics.jsonl"), str(b / "metrics.jsonl")]
+    assert "max HellaSwag 0.2500" in capsys.readouterr().out
+    runs = load_runs([str(a)])
+    read.clear()
+    assert [list(line.get_ydata()) for line in plot_runs(runs).axes[1].lines][0] == [0.25] and read == []
+
+
+def test_usage_error_is_one_line(tmp_path):
+    for args in ([], [str(tmp_path), "--bogus"]):
+        r = subprocess.run([sys.executable, "plot.py"] + args, cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("lines, where", [

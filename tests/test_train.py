@@ -152,7 +152,7 @@ def test_finetune_preset_defaults():
     assert (cfg.init_from, cfg.data_dir, cfg.out_dir, cfg.compile, cfg.hellaswag_interval) == \
         ("gpt2", "data/shards/mine", "out-ft", True, 0)
     assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.max_lr, cfg.min_lr,
-            cfg.warmup_steps) == (32768, 8, 1024, 200, 3e-5, 3e-6, 10)
+            cfg.warmup_steps) == (32768, 8, 1024, 200, 3e-5, 3e-5, 10)
     assert cfg.eval_interval <= 25 and cfg.ckpt_interval <= 50 and cfg.sample_interval <= 50
     assert cfg.keep_last * cfg.ckpt_interval >= cfg.max_steps  # every checkpoint is kept
     assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len) == 0  # grad accum 4 on one GPU
@@ -167,7 +167,7 @@ def test_finetune_own_text_lowers_val_loss(tmp_path):
     _, hf_dir = make_hf(tmp_path, vocab_size=50257)
     text = dict(shakespeare.read_plays(shakespeare.download()))["hamlet"][:40000]
     (tmp_path / "mine.txt").write_text(text, encoding="utf-8")
-    fineweb.prepare(str(tmp_path / "shards"), input=str(tmp_path / "mine.txt"), prefix="mine", num_proc=1,
+    fineweb.prepare(str(tmp_path / "shards"), input=str(tmp_path / "mine.txt"), prefix="mine", num_threads=1,
                     progress=False)
     common = ["--preset", "finetune", "--data_dir", str(tmp_path / "shards"), "--device", "cpu", "--compile", "false",
               "--dtype", "float32", "--seq_len", "64", "--batch_size", "4", "--total_batch_size", "512",
