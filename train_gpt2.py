@@ -499,6 +499,8 @@ def train(cfg):
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(grad_accum):
             x, y = train_loader.next_batch()
+            if device_type == "cuda":  # page-locked, so the copy overlaps the previous micro step's kernels
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             # under DDP, gradients are all-reduced only on the last micro step
             sync = contextlib.nullcontext() if W == 1 or micro == grad_accum - 1 else ddp_model.no_sync()
