@@ -8,7 +8,6 @@
 without allocating any weights.
 """
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 
@@ -25,7 +24,7 @@ MODEL_SHAPES = {
     "shakespeare": (4, 4, 256),
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-LOGITS_CHUNK = 2**28  # float32 logits made at once by LinearCrossEntropy (1 GiB)
+LOGITS_CHUNK = 2**28  # logits made at once by LinearCrossEntropy (1 GiB in float32; bf16 adds its copies)
 GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -176,22 +175,24 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> (logits, loss). Targets of -100 are ignored.
+        """idx (B, T) -> (logits, loss). Targets are token ids or -100 (ignored).
 
         Without targets: logits (B, T, vocab) and loss None; with a cache (generation) only the last
         position's: (B, 1, vocab). With targets: (None, mean loss), computed by LinearCrossEntropy so the
         full (B, T, vocab) logits never exist (they are the largest tensor of a training step).
         """
         B, T = idx.size()
+        if targets is not None and cache is not None:
+            raise ValueError("targets and cache do not go together: the loss is for training, the cache for decoding")
         x = self.hidden_states(idx, cache)  # (B, T, C)
         if targets is not None:
             device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
             return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
                                                    dtype, needs_grad)
         if cache is not None:
-            cache.length += T
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab)
 
@@ -205,6 +206,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
         return self.transformer.ln_f(x)
 
     # ----- sampling -----

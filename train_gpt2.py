@@ -86,7 +86,7 @@ PRESETS = {
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=60,
         max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=20, val_steps=10,
         hellaswag_interval=0, sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
-        compile=False),  # measured on a 2-core CPU: compile costs ~40 s and gains nothing in float32
+        compile=False),  # 2-core CPU, float32: ~40 s of compiling for ~4% (bench.py), a loss over 60 steps
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
     # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
     "finetune": dict(

@@ -19,15 +19,18 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
     result = json.loads(out.read_text())
     assert list(result) == ["train", "generate", "loader", "tokenize"]
     train = result["train"]
-    assert set(train["tokens_per_sec"]) == {"ours (as trained: compiled)", "ours eager", "HF sdpa eager", "HF sdpa compiled"}
+    assert set(train["tokens_per_sec"]) == {"ours (as trained: compiled)", "ours eager", "ours eager, unfused loss",
+                                            "HF sdpa eager", "HF sdpa compiled"}
     assert all(v > 0 for v in train["tokens_per_sec"].values()) and train["config"]["dtype"] == "float32"
-    assert set(train["ratios"]) == {"ours_vs_hf_compiled", "ours_vs_hf_eager", "ours_eager_vs_hf_eager"}
-    assert all(v > 0 for v in train["peak_memory_bytes"].values())  # Linux: peak RSS over each row's step
+    assert set(train["ratios"]) == {"ours_vs_hf_compiled", "ours_vs_hf_eager", "ours_eager_vs_hf_eager",
+                                    "fused_vs_unfused_loss"}
+    assert all(v >= 0 for v in train["peak_memory_bytes"].values())  # Linux: peak RSS over each row's step
     gen = result["generate"]
     assert set(gen["tokens_per_sec"]) == {"ours (KV cache)", "ours (recompute context)", "HF generate (cache)"}
     assert result["loader"]["tokens_per_sec"] > 0 and result["tokenize"]["documents"] == 50
-    for line in ("train: 1L/2H/32", "ours / HF compiled", "cache / recompute", "loader: ShardLoader B=64, T=1024",
-                 "ours / build-nanogpt"):
+    assert set(result["tokenize"]["ratios"]) == {"ours_vs_nanogpt", "ours_vs_pool_every_core"}
+    for line in ("train: 1L/2H/32", "ours (as trained: compiled) / HF sdpa compiled", "cache / recompute",
+                 "loader: ShardLoader B=64, T=1024", "ours / build-nanogpt"):
         assert line in r.stdout, r.stdout
 
 

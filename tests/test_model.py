@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf
-from model import (GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
+from model import (GPT, MODEL_SHAPES, GPTConfig, KVCache, configure_optimizers, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
                    sample_next)
 
 
@@ -248,3 +248,10 @@ def test_fused_loss_under_bf16_autocast_and_compile():
     grads = torch.autograd.grad(loss, list(model.parameters()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_targets_with_a_cache_is_a_clear_error():
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="targets and cache do not go together"):
+        model(idx, idx, cache=KVCache(model.config, 1, "cpu", torch.float32))
