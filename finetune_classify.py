@@ -26,7 +26,8 @@ from tqdm import tqdm
 from data.fineweb import parse_json_line, text_field_of
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
-from model import GPT, config_to_hf, configure_optimizers, hf_to_ours, load_checked, ours_to_hf, read_hf_dir
+from model import (GPT, config_to_hf, configure_optimizers, hf_to_ours, load_checked, ours_to_hf, read_hf_dir,
+                   write_hf_dir)
 from train_gpt2 import (ConfigError, MetricsLog, OneLineParser, load_init, make_autocast, pick_dtype, resolve_device,
                         resolve_init)
 
@@ -87,18 +88,11 @@ class GPTClassifier(nn.Module):
     def save_pretrained(self, path):
         """Write config.json and model.safetensors as HF's GPT2ForSequenceClassification (Conv1D weights
         transposed back), each under a temporary name renamed into place."""
-        from safetensors.torch import save_file
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in ours_to_hf(self.state_dict()).items()}
         config = {**config_to_hf(self.config), "architectures": ["GPT2ForSequenceClassification"],
                   "num_labels": len(self.id2label), "id2label": dict(enumerate(self.id2label)),
                   "label2id": {name: i for i, name in enumerate(self.id2label)}, "pad_token_id": EOT,
                   "problem_type": "single_label_classification"}
-        os.makedirs(path, exist_ok=True)
-        save_file(sd, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(config, f, indent=2)
-        for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete model
-            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        write_hf_dir(path, ours_to_hf(self.state_dict()), config)
 
 
 def read_rows(path, flag, text_field, label_field):

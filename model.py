@@ -274,19 +274,12 @@ class GPT(nn.Module):
         vocab_size crops a padded vocabulary (e.g. 50304 -> 50257) so HF's tokenizer and generate work.
         Each file is written under a temporary name and renamed into place.
         """
-        from safetensors.torch import save_file
         if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 has biases: a bias=False model cannot be exported")
         vocab_size = vocab_size or self.config.vocab_size
         sd = ours_to_hf(self.state_dict())
         sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:vocab_size]
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        os.makedirs(path, exist_ok=True)
-        save_file(sd, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(config_to_hf(self.config, vocab_size), f, indent=2)
-        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+        write_hf_dir(path, sd, config_to_hf(self.config, vocab_size))
 
     # ----- training helpers -----
 
@@ -384,6 +377,22 @@ def read_hf_dir(path):
     except Exception as e:  # truncated or foreign file: name it
         raise ValueError(f"{st if os.path.isfile(st) else pt}: cannot read weights ({type(e).__name__}: {e})") from None
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def write_hf_dir(path, sd, config):
+    """Write an HF state dict and config dict as path/model.safetensors and path/config.json.
+
+    Each file is written under a temporary name and renamed into place, weights first: a config.json
+    is the mark of a complete model directory (read_hf_dir needs it).
+    """
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()},
+              os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in ("model.safetensors", "config.json"):
+        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
 
 def load_checked(model, sd, source="state dict"):
