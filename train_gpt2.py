@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, validate_shards
+from data.tokenizer import get_encoding
 from model import (GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, hf_to_ours, load_checked,
                    read_hf_dir, storage_report)
 
@@ -304,12 +305,12 @@ def sample_text(model, enc, cfg, d, step, num=2):
     return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
 
 
-def hellaswag_eval(model, examples, enc, cfg, d, autocast):
+def hellaswag_eval(model, items, cfg, d, autocast):
     """HellaSwag (acc, acc_norm): rank r scores examples r, r + W, ...; the counts are summed over ranks.
 
     batch_size // 4 examples per forward keeps the rows (4 per example) within a training micro batch.
     """
-    counts = hellaswag.evaluate(model, examples[d.rank::d.world_size], enc, max(1, cfg.batch_size // 4), autocast)
+    counts = hellaswag.evaluate(model, items[d.rank::d.world_size], max(1, cfg.batch_size // 4), autocast)
     if d.world_size > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, correct_norm, total = counts.tolist()
@@ -461,8 +462,8 @@ def train(cfg):
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
     autocast = make_autocast(cfg.dtype, d.device)
-    from data.tokenizer import get_encoding
     enc = get_encoding()
+    hs_items = hellaswag.prepare(hs_examples, enc)  # tokenized once, scored at every HellaSwag eval
 
     if d.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -487,7 +488,7 @@ def train(cfg):
             d.print0(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step=step, val_loss=val_loss)
         if cfg.hellaswag_interval and (step % cfg.hellaswag_interval == 0 or last):
-            acc, acc_norm = hellaswag_eval(compiled, hs_examples, enc, cfg, d, autocast)
+            acc, acc_norm = hellaswag_eval(compiled, hs_items, cfg, d, autocast)
             d.print0(f"step {step:5d} | hellaswag acc {acc:.4f} | acc_norm {acc_norm:.4f}")
             log.write(step=step, hellaswag_acc_norm=acc_norm, hellaswag_acc=acc)
         if cfg.sample_interval and d.master and ((step > 0 and step % cfg.sample_interval == 0) or last):

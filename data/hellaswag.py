@@ -121,6 +121,11 @@ def render(example, enc):
     return tokens, mask
 
 
+def prepare(examples, enc):
+    """[(tokens, mask, label)] of the examples: rendered once, scored at every evaluation."""
+    return [(*render(ex, enc), ex["label"]) for ex in examples]
+
+
 def score_rows(logits, tokens, mask):
     """Summed and mean float32 cross-entropy of each row's masked tokens: logits (R, T, V) -> (R,), (R,).
 
@@ -136,8 +141,9 @@ def score_rows(logits, tokens, mask):
 
 
 @torch.no_grad()
-def evaluate(model, examples, enc, batch_size=16, autocast=None, progress=False):
-    """Counts [correct by acc, correct by acc_norm, examples] as a long tensor (3,) on the model's device.
+def evaluate(model, items, batch_size=16, autocast=None, progress=False):
+    """Counts [correct by acc, correct by acc_norm, examples] of prepare()'s items as a long tensor (3,)
+    on the model's device.
 
     `model(idx)` must return (logits, ...), as our GPT (also compiled) does. Every forward has one
     shape, (4 * batch_size, T): T is the longest row rounded up to a multiple of PAD_TO, at most
@@ -145,25 +151,24 @@ def evaluate(model, examples, enc, batch_size=16, autocast=None, progress=False)
     so a torch.compile'd model compiles once. Rows are right-padded, which a causal model cannot see.
     """
     device = next(model.parameters()).device
-    rendered = [render(ex, enc) for ex in examples]
-    longest = max((len(row) for tokens, _ in rendered for row in tokens), default=1)
+    longest = max((len(row) for tokens, _, _ in items for row in tokens), default=1)
     T = min(model.config.block_size, -(-longest // PAD_TO) * PAD_TO)
     counts = torch.zeros(3, dtype=torch.long, device=device)
-    counts[2] = len(examples)
+    counts[2] = len(items)
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(examples), batch_size), desc="hellaswag", unit="batch", disable=not progress):
-        batch = rendered[start:start + batch_size]
+    for start in tqdm(range(0, len(items), batch_size), desc="hellaswag", unit="batch", disable=not progress):
+        batch = items[start:start + batch_size]
         tokens = torch.zeros(4 * batch_size, T, dtype=torch.long)  # (R, T), R = 4 * batch_size
         mask = torch.zeros_like(tokens)  # (R, T)
-        rows = [(row[-T:], m[-T:]) for toks, masks in batch for row, m in zip(toks, masks)]  # 4 per example
+        rows = [(row[-T:], m[-T:]) for toks, masks, _ in batch for row, m in zip(toks, masks)]  # 4 per example
         for r, (row, m) in enumerate(rows):
             tokens[r, :len(row)], mask[r, :len(m)] = torch.tensor(row), torch.tensor(m)
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast or contextlib.nullcontext():
             logits = model(tokens)[0]  # (R, T, V)
         total, mean = (s.view(-1, 4)[:len(batch)] for s in score_rows(logits, tokens, mask))  # (b, 4)
-        labels = torch.tensor([ex["label"] for ex in examples[start:start + batch_size]], device=device)  # (b,)
+        labels = torch.tensor([label for _, _, label in batch], device=device)  # (b,)
         counts[0] += (total.argmin(dim=1) == labels).sum()
         counts[1] += (mean.argmin(dim=1) == labels).sum()
     model.train(was_training)
@@ -196,8 +201,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dtype = pick_dtype(args.dtype, device)
-    counts = evaluate(model.to(device), examples, get_encoding(), args.batch_size, make_autocast(dtype, device),
-                      progress=True)
+    counts = evaluate(model.to(device), prepare(examples, get_encoding()), args.batch_size,
+                      make_autocast(dtype, device), progress=True)
     correct, correct_norm, total = counts.tolist()
     print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
 

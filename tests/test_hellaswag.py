@@ -82,7 +82,7 @@ def test_batched_scores_match_a_direct_computation(hf_dir, enc):
     assert agree < n  # the two metrics really differ here
     for k, expected in ((0, [n, agree, n]), (1, [agree, n, n])):
         examples = [{**ex, "label": p[k]} for ex, p in zip(HELLASWAG, picks)]
-        assert hellaswag.evaluate(model, examples, enc, batch_size=3).tolist() == expected
+        assert hellaswag.evaluate(model, hellaswag.prepare(examples, enc), batch_size=3).tolist() == expected
     assert model.training  # evaluate switched to eval mode and back
 
 
@@ -159,7 +159,7 @@ def test_cli_prints_acc_and_acc_norm(tmp_path, hf_dir, enc):
                         "--dtype", "float32", "--batch_size", "3", "--limit", "5"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    correct, correct_norm, total = hellaswag.evaluate(GPT.from_pretrained(path), HELLASWAG[:5], enc).tolist()
+    correct, correct_norm, total = hellaswag.evaluate(GPT.from_pretrained(path), hellaswag.prepare(HELLASWAG[:5], enc)).tolist()
     assert r.stdout.strip().splitlines()[-1] == \
         f"{path} | float32 | 5 examples | acc {correct / 5:.4f} | acc_norm {correct_norm / 5:.4f}"
 
