@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -34,7 +33,8 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
-from train_gpt2 import ConfigError, OneLineParser, make_autocast, pick_dtype, resolve_device
+from cli import OneLineParser, run_main
+from runtime import make_autocast, pick_dtype, resolve_device
 
 WHAT = ("train", "generate", "loader", "tokenize")
 
@@ -295,13 +295,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-        device = resolve_device(args.device)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def run(args):
+    device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     result = {}
     for what in dict.fromkeys(args.what):
@@ -315,6 +310,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
+
+
+def main(argv=None):
+    run_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -16,20 +16,19 @@ import csv
 import json
 import os
 import random
-import sys
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from checkpoint import MetricsLog, load_model, model_dir
+from cli import ConfigError, OneLineParser, run_main
 from data.fineweb import parse_json_line, text_field_of
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
-from model import (GPT, config_to_hf, configure_optimizers, hf_to_ours, load_checked, ours_to_hf, read_hf_dir,
-                   write_hf_dir)
-from train_gpt2 import (ConfigError, MetricsLog, OneLineParser, load_init, make_autocast, pick_dtype, resolve_device,
-                        resolve_init)
+from model import GPT, config_to_hf, configure_optimizers, ours_to_hf, read_hf, write_hf_dir
+from runtime import make_autocast, pick_dtype, resolve_device
 
 EXTENSIONS = (".csv", ".jsonl")
 TRAINABLE = {"head": ("score.",), "last_block": ("score.", "transformer.h.{last}.", "transformer.ln_f."), "all": ("",)}
@@ -63,18 +62,14 @@ class GPTClassifier(nn.Module):
     def from_pretrained(cls, name_or_path, num_labels=None):
         """An HF GPT2ForSequenceClassification dir (with its head and labels), or GPT-2 weights with a fresh
         head of num_labels: an HF GPT2LMHeadModel dir, a gpt2* name, our training out_dir or ckpt dir."""
-        path, head, labels = resolve_init(name_or_path), None, None
-        if os.path.isdir(path):
-            config, sd = read_hf_dir(path)
-            head = sd.pop("score.weight", None)
-            gpt = GPT(config)
-            load_checked(gpt, hf_to_ours(sd), source=path)
-            if head is not None:
-                with open(os.path.join(path, "config.json")) as f:
-                    id2label = json.load(f).get("id2label") or {}
-                labels = [id2label.get(str(i), str(i)) for i in range(head.size(0))]
-        else:
-            gpt = GPT.from_pretrained(path)
+        path, labels = model_dir(name_or_path), None
+        config, sd = read_hf(path)
+        head = sd.pop("score.weight", None)
+        gpt = GPT.from_hf_state_dict(config, sd, source=path)
+        if head is not None:
+            with open(os.path.join(path, "config.json")) as f:
+                id2label = json.load(f).get("id2label") or {}
+            labels = [id2label.get(str(i), str(i)) for i in range(head.size(0))]
         if head is None and num_labels is None:
             raise ValueError(f"{name_or_path} has no classification head (score.weight); fine-tune one first")
         if head is not None and num_labels not in (None, head.size(0)):
@@ -210,7 +205,7 @@ def load_splits(args):
 
 def train(args, device, autocast):
     names, splits = load_splits(args)
-    model = load_init(args.init_from, GPTClassifier.from_pretrained, num_labels=len(names))
+    model = load_model(args.init_from, GPTClassifier.from_pretrained, num_labels=len(names))
     generic = [[str(i) for i in range(len(names))], [f"LABEL_{i}" for i in range(len(names))]]
     if model.has_head and model.id2label != names and model.id2label not in generic:
         raise ConfigError(f"--init_from {args.init_from} has labels {model.id2label}, the data {names}")
@@ -267,7 +262,7 @@ def train(args, device, autocast):
 
 def predict(args, device, autocast):
     """Print the predicted label of args.predict, then every label's probability, most likely first."""
-    model = load_init(args.init_from, GPTClassifier.from_pretrained).to(device).eval()
+    model = load_model(args.init_from, GPTClassifier.from_pretrained).to(device).eval()
     (ids,), _ = tokenize(get_encoding(), [args.predict], min(args.max_length, model.config.block_size))
     with torch.no_grad(), autocast:
         probs = model(*collate([(ids, 0)], device)[:2]).float().softmax(-1)[0]  # (num_labels,)
@@ -306,18 +301,17 @@ def parse_args(argv=None):
     return args
 
 
+def run(args):
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("finetune_classify.py runs in one process; start it with python, not torchrun")
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    autocast = make_autocast(pick_dtype(args.dtype, device), device)
+    (predict if args.predict is not None else train)(args, device, autocast)
+
+
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise ConfigError("finetune_classify.py runs in one process; start it with python, not torchrun")
-        torch.manual_seed(args.seed)
-        device = resolve_device(args.device)
-        autocast = make_autocast(pick_dtype(args.dtype, device), device)
-        (predict if args.predict is not None else train)(args, device, autocast)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

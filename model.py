@@ -252,20 +252,18 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """Load 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (hub or cache) or a local HF-format dir."""
-        if os.path.isdir(name_or_path):
-            config, sd = read_hf_dir(name_or_path)
-        elif name_or_path in MODEL_SHAPES and name_or_path.startswith("gpt2"):
-            from transformers import GPT2LMHeadModel
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-            config, sd = config_from_hf(hf.config.to_dict()), hf.state_dict()
-        else:
-            raise ValueError(f"{name_or_path!r} is neither a directory nor one of gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+        config, sd = read_hf(name_or_path)
         for k, v in overrides.items():
             if k not in {f.name for f in fields(GPTConfig)}:
                 raise ValueError(f"unknown GPTConfig field {k!r}")
             setattr(config, k, v)
+        return cls.from_hf_state_dict(config, sd, source=name_or_path)
+
+    @classmethod
+    def from_hf_state_dict(cls, config, sd, source="state dict"):
+        """A GPT of `config` holding the Hugging Face state dict sd (converted by hf_to_ours, checked key by key)."""
         model = cls(config)
-        load_checked(model, hf_to_ours(sd), source=name_or_path)
+        load_checked(model, hf_to_ours(sd), source=source)
         return model
 
     def save_pretrained(self, path, vocab_size=None):
@@ -377,6 +375,17 @@ def read_hf_dir(path):
     except Exception as e:  # truncated or foreign file: name it
         raise ValueError(f"{st if os.path.isfile(st) else pt}: cannot read weights ({type(e).__name__}: {e})") from None
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def read_hf(name_or_path):
+    """(GPTConfig, HF state dict) of a local HF-format dir or of OpenAI's 'gpt2*' weights (hub or cache)."""
+    if os.path.isdir(name_or_path):
+        return read_hf_dir(name_or_path)
+    if name_or_path in MODEL_SHAPES and name_or_path.startswith("gpt2"):
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        return config_from_hf(hf.config.to_dict()), hf.state_dict()
+    raise ValueError(f"{name_or_path!r} is neither a directory nor one of gpt2, gpt2-medium, gpt2-large, gpt2-xl")
 
 
 def write_hf_dir(path, sd, config):

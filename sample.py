@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from data.shards import DataError
+from checkpoint import load_model
+from cli import ConfigError, OneLineParser, parse_bool, run_main
 from data.tokenizer import EOT, get_encoding
-from train_gpt2 import ConfigError, OneLineParser, load_init, parse_bool, pick_dtype, resolve_device
+from runtime import pick_dtype, resolve_device
 
 
 def parse_args(argv=None):
@@ -65,14 +66,9 @@ def stream(model, enc, idx, args, generator, out=sys.stdout):
     return new
 
 
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-        device = resolve_device(args.device)
-        model = load_init(args.init_from)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def sample(args):
+    device = resolve_device(args.device)
+    model = load_model(args.init_from)
     dtype = pick_dtype(args.dtype, device)
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
     if args.compile:
@@ -86,6 +82,10 @@ def main(argv=None):
             print(f"--- sample {i + 1}")
         sys.stdout.write(args.prompt)
         stream(model, enc, idx, args, generator)
+
+
+def main(argv=None):
+    run_main(lambda: sample(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -25,11 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint
+from cli import ConfigError, OneLineParser, parse_bool, run_main
 from data import hellaswag
-from data.shards import DataError, ShardLoader, shard_paths, validate_shards
+from data.shards import ShardLoader, shard_paths, validate_shards
 from data.tokenizer import get_encoding
-from model import (GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, hf_to_ours, load_checked,
-                   read_hf_dir, storage_report)
+from model import GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
+from runtime import make_autocast, pick_dtype, resolve_device, setup_dist
 
 
 @dataclass
@@ -100,23 +100,6 @@ PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
                 "finetune": "python data/fineweb.py --input YOUR_TEXT --out_dir {data_dir}"}
 
 
-class ConfigError(ValueError):
-    """A bad flag or value: reported in one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def parse_args(argv=None):
     """argv -> TrainConfig: TrainConfig defaults, then the preset's, then the flags given."""
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,26 +142,6 @@ def validate(cfg, world_size):
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
 
 
-def pick_dtype(dtype, device):
-    """'auto' -> bfloat16 on CUDA; elsewhere whichever of bfloat16 and float32 multiplies faster here.
-
-    CPUs without native bf16 (AVX2 only) run bf16 matmuls ~200x slower than fp32; those with
-    AVX512-BF16 or AMX run them faster. A 256^3 matmul in each settles it in milliseconds.
-    """
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16"
-    def seconds(dt):
-        a = torch.randn(256, 256, device=device, dtype=dt)
-        a @ a
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        return time.perf_counter() - t0
-    return "bfloat16" if seconds(torch.bfloat16) < seconds(torch.float32) else "float32"
-
-
 def get_lr(step, cfg):
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -187,96 +150,22 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def print0(self, *args, **kwargs):
-        if self.master:
-            print(*args, **kwargs, flush=True)
-
-    def mean(self, t):
-        """Average a tensor over ranks (gloo has no ReduceOp.AVG: sum, then divide)."""
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t = t / self.world_size
-        return t
-
-
-def resolve_device(device):
-    """--device: auto -> cuda, else mps, else cpu; otherwise one of cpu, cuda, cuda:N, mps."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
-    return device
-
-
-def make_autocast(dtype, device):
-    """The context the forward passes run in: bf16 autocast when dtype is 'bfloat16', else a no-op."""
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-def setup_dist(device):
-    """Start torch.distributed under torchrun (NCCL on CUDA, gloo on CPU) and pick the device."""
-    device = resolve_device(device)
-    if "RANK" not in os.environ:
-        return Dist(device=device)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, local_rank, world, device)
-
-
 def build_model(cfg):
     """A fresh GPT of the configured shape, or pretrained weights (init_from)."""
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    return load_init(cfg.init_from, dropout=cfg.dropout)
-
-
-def resolve_init(init_from):
-    """A directory holding a model, or a GPT-2 name, for from_pretrained: a training out_dir without a final
-    model resolves to its newest complete checkpoint."""
-    if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, "config.json")):
-        ckpts = list_checkpoints(init_from)
-        if not ckpts:
-            raise ValueError(f"{init_from} holds no model (config.json) and no complete checkpoint")
-        return ckpts[-1]
-    return init_from
-
-
-def load_init(init_from, load=GPT.from_pretrained, **kwargs):
-    """load(resolve_init(init_from), **kwargs); any problem (a bad directory, a GPT-2 name with the hub
-    unreachable and nothing cached) becomes a one-line ConfigError naming --init_from."""
-    try:
-        return load(resolve_init(init_from), **kwargs)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"--init_from: {str(e).splitlines()[0]}") from None
+    return load_model(cfg.init_from, dropout=cfg.dropout)
 
 
 def find_shards(cfg, split, d):
-    """The split's shard paths; the shakespeare corpus (its preset, or its data_dir under any preset) is
-    prepared on first use (rank 0, others wait)."""
+    """The split's shard paths. The shakespeare corpus is prepared on first use, only at its default path
+    (rank 0 prepares, the others wait): a mistyped --data_dir is an error, not a new copy."""
     hint = PREPARE_HINT.get(cfg.preset, "python data/fineweb.py --out_dir {data_dir}").format(data_dir=cfg.data_dir)
-    hint = f"; prepare them with: {hint}"
-    shakespeare = cfg.preset == "shakespeare" or cfg.data_dir == PRESETS["shakespeare"]["data_dir"]
-    if shakespeare and d.master and not os.path.isdir(cfg.data_dir):
+    if os.path.normpath(cfg.data_dir) == os.path.normpath(PRESETS["shakespeare"]["data_dir"]):
         from data.shakespeare import prepare
-        prepare(cfg.data_dir)
-    if d.world_size > 1:
-        dist.barrier()
-    return shard_paths(cfg.data_dir, split, hint=hint)
+        d.rank0_first(lambda: prepare(cfg.data_dir))
+    return shard_paths(cfg.data_dir, split, hint=f"; prepare them with: {hint}")
 
 
 @torch.no_grad()
@@ -317,111 +206,6 @@ def hellaswag_eval(model, items, cfg, d, autocast):
     return correct / total, correct_norm / total
 
 
-# ----- checkpoints -----
-
-CKPT_FILES = ("config.json", "model.safetensors", "trainer.json", "trainer.pt")
-REAL_VOCAB = 50257  # GPT-2's tokens; rows past it are padding for speed
-
-
-def rng_state():
-    """This process's RNG states: python and numpy as JSON-able lists, torch's as tensors."""
-    py, npy = random.getstate(), np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def list_checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
-    return [os.path.join(out_dir, n) for n in names
-            if all(os.path.isfile(os.path.join(out_dir, n, f)) for f in CKPT_FILES)]
-
-
-def save_checkpoint(cfg, step, model, optimizer, loader, d):
-    """Write out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state.
-
-    Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes into a temporary
-    directory, renames it into place when complete, then prunes to the newest keep_last.
-    """
-    rngs = [rng_state()]
-    if d.world_size > 1:
-        rngs = [None] * d.world_size
-        dist.all_gather_object(rngs, rng_state())
-    if not d.master:
-        return
-    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
-    tmp = os.path.join(cfg.out_dir, f".tmp_ckpt_{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
-    vocab = min(model.config.vocab_size, REAL_VOCAB)
-    model.save_pretrained(tmp, vocab_size=vocab)
-    torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
-                "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
-    with open(os.path.join(tmp, "trainer.json"), "w") as f:
-        json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
-                   "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
-    if os.path.isdir(final):  # the same step again (a re-run): swap, never leaving no checkpoint
-        os.rename(final, tmp + ".old")
-    os.rename(tmp, final)
-    shutil.rmtree(tmp + ".old", ignore_errors=True)
-    for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(path, model, optimizer, loader, d):
-    """Restore weights, optimizer, loader position and this rank's RNGs; return the step to start at."""
-    missing = [f for f in CKPT_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
-    try:
-        with open(os.path.join(path, "trainer.json")) as f:
-            meta = json.load(f)
-        step, world = int(meta["step"]), int(meta["world_size"])
-        loader_state, rng = meta["loader"], meta["rng"][d.rank]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}/trainer.json: not a trainer state ({type(e).__name__}: {e})") from None
-    if world != d.world_size:
-        raise ConfigError(f"{path} was written by {world} ranks; resume it with the same world size, not {d.world_size}")
-    try:
-        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign, or pickled objects that weights_only refuses
-        raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"optimizer", "vocab_pad", "rng_torch"} <= state.keys():
-        raise ConfigError(f"{path}/trainer.pt: not a trainer state (needs optimizer, vocab_pad, rng_torch)")
-    try:
-        sd = hf_to_ours(read_hf_dir(path)[1])
-        sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
-        load_checked(model, sd, source=path)
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    loader.load_state_dict(loader_state)
-    set_rng_state({**rng, **state["rng_torch"][d.rank]})
-    return step
-
-
-class MetricsLog:
-    """Appends one JSON object per event to out_dir/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, path, enabled):
-        self.path, self.enabled = path, enabled
-
-    def write(self, **event):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(event) + "\n")
-
-
 def train(cfg):
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
@@ -439,7 +223,8 @@ def train(cfg):
     train_paths, val_paths = find_shards(cfg, "train", d), find_shards(cfg, "val", d)
     # read once, now: a missing or malformed file stops the run before training, not hours into it;
     # the val set is downloaded by rank 0 alone, the other ranks wait for it
-    hs_examples = hellaswag.load_on_ranks(cfg.hellaswag_path, d) if cfg.hellaswag_interval else []
+    hs_examples = d.rank0_first(lambda: hellaswag.load_examples(cfg.hellaswag_path or hellaswag.download())) \
+        if cfg.hellaswag_interval else []
     model = build_model(cfg).to(d.device)
     vocab = model.config.vocab_size
     # checks that need the model: pretrained weights bring their own context length and vocabulary
@@ -449,8 +234,8 @@ def train(cfg):
     if cfg.hellaswag_interval and vocab < REAL_VOCAB:
         raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
                           f"(--hellaswag_interval 0 turns it off)")
-    validate_shards(train_paths, min(vocab, 50257), B * T * W + 1)
-    validate_shards(val_paths, min(vocab, 50257), B * T * W + 1)
+    validate_shards(train_paths, min(vocab, REAL_VOCAB), B * T * W + 1)
+    validate_shards(val_paths, min(vocab, REAL_VOCAB), B * T * W + 1)
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 
@@ -532,18 +317,14 @@ def train(cfg):
             save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d)
 
     if d.master and end == cfg.max_steps:
-        model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, 50257))
+        model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB))
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
     if W > 1:
         dist.destroy_process_group()
 
 
 def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

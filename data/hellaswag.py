@@ -25,7 +25,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -54,15 +53,6 @@ def download(cache_dir=CACHE_DIR, url=URL, timeout=60):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def load_on_ranks(path, d):
-    """load_examples(path, or the val set) on every rank of Dist d; the val set is downloaded by rank 0
-    alone while the others wait at a barrier, then find it cached."""
-    path = path or (download() if d.master else "")
-    if d.world_size > 1:
-        dist.barrier()
-    return load_examples(path or download())
 
 
 def problem(ex):
@@ -176,8 +166,10 @@ def evaluate(model, items, batch_size=16, autocast=None, progress=False):
 
 
 def main(argv=None):
+    from checkpoint import load_model
+    from cli import ConfigError, OneLineParser, run_main
     from data.tokenizer import get_encoding
-    from train_gpt2 import ConfigError, OneLineParser, load_init, make_autocast, pick_dtype, resolve_device
+    from runtime import make_autocast, pick_dtype, resolve_device
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="out_dir, ckpt dir, HF dir or gpt2* name (default: gpt2)")
     p.add_argument("--jsonl", default="", help=f"a local HellaSwag jsonl (default: the val set, cached in {CACHE_DIR})")
@@ -185,26 +177,22 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="autocast dtype")
     p.add_argument("--batch_size", type=int, default=16, help="examples (4 rows each) per forward")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
-    try:
+
+    def run():
         args = p.parse_args(argv)
         device = resolve_device(args.device)
         if args.batch_size <= 0 or args.limit < 0:
             raise ConfigError(f"--batch_size must be positive and --limit not negative, got {args.batch_size}, {args.limit}")
         examples = load_examples(args.jsonl or download())[:args.limit or None]
-        try:
-            model = load_init(args.model)
-        except ConfigError as e:  # it names train_gpt2's flag
-            raise ConfigError(f"--model: {str(e).removeprefix('--init_from: ')}") from None
+        model = load_model(args.model, flag="--model")
         if model.config.vocab_size < 50257:
             raise ConfigError(f"--model: {args.model} has {model.config.vocab_size} tokens, not GPT-2's 50257")
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    dtype = pick_dtype(args.dtype, device)
-    counts = evaluate(model.to(device), prepare(examples, get_encoding()), args.batch_size,
-                      make_autocast(dtype, device), progress=True)
-    correct, correct_norm, total = counts.tolist()
-    print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
+        dtype = pick_dtype(args.dtype, device)
+        counts = evaluate(model.to(device), prepare(examples, get_encoding()), args.batch_size,
+                          make_autocast(dtype, device), progress=True)
+        correct, correct_norm, total = counts.tolist()
+        print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
+    run_main(run)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,13 @@ import torch
 from conftest import ROOT
 from data.shards import ShardLoader, shard_paths, write_shard
 from model import GPT, configure_optimizers
+import checkpoint
 import train_gpt2
-from train_gpt2 import ConfigError, list_checkpoints, load_checkpoint, parse_args
+from checkpoint import list_checkpoints, load_checkpoint
+from cli import ConfigError
+from data.shards import DataError
+from runtime import Dist
+from train_gpt2 import parse_args
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # runs often go two at a time on the 2 cores
@@ -199,7 +204,7 @@ def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir):
     assert ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]  # no .tmp_ckpt_* left either
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["ckpt_000004", "ckpt_000005"]
     for name in ("ckpt_000004", "ckpt_000005"):
-        assert sorted(os.listdir(os.path.join(out, name))) == sorted(train_gpt2.CKPT_FILES)
+        assert sorted(os.listdir(os.path.join(out, name))) == sorted(checkpoint.CKPT_FILES)
 
     from transformers import GPT2LMHeadModel
     final = GPT.from_pretrained(out).eval()
@@ -251,7 +256,7 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, syn_dir, global
     assert list_checkpoints(out) == [os.path.join(out, "ckpt_000001")]
     cfg = parse_args(common)
     model, optimizer, loader = build(cfg)
-    assert load_checkpoint(list_checkpoints(out)[-1], model, optimizer, loader, train_gpt2.Dist()) == 1
+    assert load_checkpoint(list_checkpoints(out)[-1], model, optimizer, loader, Dist()) == 1
     assert loader.state_dict()["position"] == 128 and len(optimizer.state) > 0
 
     r = ok(run(common + ["--resume", "auto"]))
@@ -355,7 +360,7 @@ def test_resume_needs_the_same_world_size(tmp_path, syn_dir):
 def fake_checkpoint(out_dir, step):
     path = os.path.join(out_dir, f"ckpt_{step:06d}")
     os.makedirs(path)
-    for name in train_gpt2.CKPT_FILES:
+    for name in checkpoint.CKPT_FILES:
         open(os.path.join(path, name), "w").close()
     return path
 
@@ -372,8 +377,8 @@ def small_ckpt(tmp_path, syn_dir, global_rngs):
     """A checkpoint saved in this process (no subprocess), and the model, optimizer and loader to load it."""
     cfg = parse_args(flags("--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")))
     model, optimizer, loader = build(cfg)
-    train_gpt2.save_checkpoint(cfg, 1, model, optimizer, loader, train_gpt2.Dist())
-    return cfg, os.path.join(cfg.out_dir, "ckpt_000001"), (model, optimizer, loader, train_gpt2.Dist())
+    checkpoint.save_checkpoint(cfg, 1, model, optimizer, loader, Dist())
+    return cfg, os.path.join(cfg.out_dir, "ckpt_000001"), (model, optimizer, loader, Dist())
 
 
 @pytest.mark.parametrize("key", ["loader", "rng"])
@@ -383,7 +388,7 @@ def test_trainer_json_without_loader_or_rng_is_a_clear_error(small_ckpt, key):
     del meta[key]
     with open(os.path.join(path, "trainer.json"), "w") as f:
         json.dump(meta, f)
-    with pytest.raises((ConfigError, train_gpt2.DataError), match="trainer.json"):
+    with pytest.raises((ConfigError, DataError), match="trainer.json"):
         load_checkpoint(path, *objs)
 
 
@@ -392,5 +397,5 @@ def test_resaving_a_step_survives_a_stale_old_dir(small_ckpt):
     stale = os.path.join(cfg.out_dir, ".tmp_ckpt_000001.old")
     os.makedirs(stale)
     open(os.path.join(stale, "trainer.pt"), "w").close()
-    train_gpt2.save_checkpoint(cfg, 1, model, optimizer, loader, d)
+    checkpoint.save_checkpoint(cfg, 1, model, optimizer, loader, d)
     assert list_checkpoints(cfg.out_dir) == [path] and not os.path.exists(stale)

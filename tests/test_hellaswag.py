@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,23 +120,6 @@ def test_digit_string_labels_as_hugging_face_exports_write_them(tmp_path):
     path = tmp_path / "hf.jsonl"
     path.write_text("".join(json.dumps({**ex, "label": str(ex["label"])}) + "\n" for ex in HELLASWAG))
     assert hellaswag.load_examples(str(path)) == HELLASWAG
-
-
-@pytest.mark.parametrize("master, world_size, expected", [
-    (True, 1, ["download", "load"]),
-    (True, 2, ["download", "barrier", "load"]),
-    (False, 2, ["barrier", "download", "load"]),  # after the barrier: rank 0 has cached it by then
-])
-def test_only_rank_0_downloads_the_others_wait(tmp_path, monkeypatch, master, world_size, expected):
-    calls, cached = [], write_hellaswag(tmp_path / "hs.jsonl")
-    monkeypatch.setattr(hellaswag, "download", lambda: calls.append("download") or cached)
-    monkeypatch.setattr(hellaswag.dist, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(hellaswag, "load_examples", lambda p: calls.append("load") or p)
-    d = SimpleNamespace(master=master, world_size=world_size)
-    assert hellaswag.load_on_ranks("", d) == cached and calls == expected
-    calls.clear()
-    assert hellaswag.load_on_ranks("local.jsonl", d) == "local.jsonl"  # a local file: nothing downloaded
-    assert calls == ["barrier", "load"][2 - world_size:]
 
 
 def test_download_once_atomically(tmp_path):

@@ -11,7 +11,7 @@ from conftest import ROOT, make_hf
 from data.tokenizer import get_encoding
 from model import GPT
 from sample import stream
-from train_gpt2 import resolve_init as resolve
+from checkpoint import model_dir as resolve
 
 
 def test_stream_writes_what_generate_returns(tmp_path):

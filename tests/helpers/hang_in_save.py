@@ -17,20 +17,23 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import train_gpt2  # noqa: E402
+from model import configure_optimizers  # noqa: E402
+from runtime import Dist  # noqa: E402
 from data.shards import ShardLoader, shard_paths  # noqa: E402
 
 
 def main():
     cfg = train_gpt2.parse_args(sys.argv[1:])
-    d = train_gpt2.Dist(device="cpu")
+    d = Dist(device="cpu")
     torch.manual_seed(cfg.seed)
     model = train_gpt2.build_model(cfg)
-    optimizer = train_gpt2.configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
     loader = ShardLoader(shard_paths(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len,
                          shuffle=cfg.shuffle, seed=cfg.seed)
-    ckpt = train_gpt2.list_checkpoints(cfg.out_dir)[-1]
-    step = train_gpt2.load_checkpoint(ckpt, model, optimizer, loader, d)
+    ckpt = checkpoint.list_checkpoints(cfg.out_dir)[-1]
+    step = checkpoint.load_checkpoint(ckpt, model, optimizer, loader, d)
     loader.next_batch()
 
     real_save = torch.save
@@ -45,7 +48,7 @@ def main():
         time.sleep(600)
 
     torch.save = half_save
-    train_gpt2.save_checkpoint(cfg, step + 1, model, optimizer, loader, d)
+    checkpoint.save_checkpoint(cfg, step + 1, model, optimizer, loader, d)
     print("save_checkpoint returned: torch.save was not hooked", flush=True)
 
 

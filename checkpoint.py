@@ -1,0 +1,147 @@
+"""A training run on disk: checkpoints, the metrics log, and loading a model from any of our directories.
+
+    out_dir/
+      metrics.jsonl          one JSON object per event (train step, val loss, HellaSwag)
+      train_config.json      the TrainConfig of the run
+      config.json, model.safetensors     the final model (Hugging Face GPT-2 format)
+      ckpt_000250/           config.json + model.safetensors (HF format), trainer.pt (optimizer, padded
+                             vocab rows, torch RNGs), trainer.json (step, loader position, python/numpy RNGs,
+                             TrainConfig); written as .tmp_ckpt_000250/ and renamed into place when complete
+
+load_model(init_from) takes a GPT-2 name, an HF dir, a ckpt_* dir or an out_dir (its final model, else its
+newest complete checkpoint): the one place any script turns --init_from into a model.
+"""
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cli import ConfigError
+from model import GPT, hf_to_ours, load_checked, read_hf_dir
+
+CKPT_FILES = ("config.json", "model.safetensors", "trainer.json", "trainer.pt")
+REAL_VOCAB = 50257  # GPT-2's tokens; rows past it are padding for speed
+
+
+def rng_state():
+    """This process's RNG states: python and numpy as JSON-able lists, torch's as tensors."""
+    py, npy = random.getstate(), np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    return [os.path.join(out_dir, n) for n in names
+            if all(os.path.isfile(os.path.join(out_dir, n, f)) for f in CKPT_FILES)]
+
+
+def save_checkpoint(cfg, step, model, optimizer, loader, d):
+    """Write cfg.out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state.
+
+    Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes into a temporary
+    directory, renames it into place when complete, then prunes to the newest cfg.keep_last.
+    """
+    rngs = [rng_state()]
+    if d.world_size > 1:
+        rngs = [None] * d.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if not d.master:
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
+    tmp = os.path.join(cfg.out_dir, f".tmp_ckpt_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
+    vocab = min(model.config.vocab_size, REAL_VOCAB)
+    model.save_pretrained(tmp, vocab_size=vocab)
+    torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
+                "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
+                   "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
+    if os.path.isdir(final):  # the same step again (a re-run): swap, never leaving no checkpoint
+        os.rename(final, tmp + ".old")
+    os.rename(tmp, final)
+    shutil.rmtree(tmp + ".old", ignore_errors=True)
+    for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path, model, optimizer, loader, d):
+    """Restore weights, optimizer, loader position and this rank's RNGs; return the step to start at."""
+    missing = [f for f in CKPT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            meta = json.load(f)
+        step, world = int(meta["step"]), int(meta["world_size"])
+        loader_state, rng = meta["loader"], meta["rng"][d.rank]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}/trainer.json: not a trainer state ({type(e).__name__}: {e})") from None
+    if world != d.world_size:
+        raise ConfigError(f"{path} was written by {world} ranks; resume it with the same world size, not {d.world_size}")
+    try:
+        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or pickled objects that weights_only refuses
+        raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "vocab_pad", "rng_torch"} <= state.keys():
+        raise ConfigError(f"{path}/trainer.pt: not a trainer state (needs optimizer, vocab_pad, rng_torch)")
+    try:
+        sd = hf_to_ours(read_hf_dir(path)[1])
+        sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
+        load_checked(model, sd, source=path)
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    loader.load_state_dict(loader_state)
+    set_rng_state({**rng, **state["rng_torch"][d.rank]})
+    return step
+
+
+def model_dir(init_from):
+    """A directory holding a model, or a GPT-2 name, for from_pretrained: a training out_dir without a final
+    model resolves to its newest complete checkpoint."""
+    if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, "config.json")):
+        ckpts = list_checkpoints(init_from)
+        if not ckpts:
+            raise ValueError(f"{init_from} holds no model (config.json) and no complete checkpoint")
+        return ckpts[-1]
+    return init_from
+
+
+def load_model(init_from, load=GPT.from_pretrained, flag="--init_from", **kwargs):
+    """load(model_dir(init_from), **kwargs); any problem (a bad directory, a GPT-2 name with the hub
+    unreachable and nothing cached) becomes a one-line ConfigError naming the flag."""
+    try:
+        return load(model_dir(init_from), **kwargs)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag}: {str(e).splitlines()[0]}") from None
+
+
+class MetricsLog:
+    """Appends one JSON object per event to out_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **event):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
