@@ -7,6 +7,7 @@ A user's mistake (a bad flag, a missing file, an unreadable checkpoint) never sh
 """
 import argparse
 import errno
+import os
 import sys
 
 from data.shards import DataError
@@ -49,3 +50,30 @@ def run_main(fn):
     except OSError as e:
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_seed(seed, flag="--seed"):
+    """numpy and torch take seeds in 0..2^32-1: anything else is a ConfigError now, not a crash later."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{flag}: must be in 0..{2**32 - 1}, got {seed}")
+    return seed
+
+
+def check_out_dir(path, flag="--out_dir"):
+    """A directory we can write into, or one we can create: not a file, not under a file, not read-only."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):  # the nearest existing ancestor decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {probe} is not writable")
+    return path
+
+
+def check_out_file(path, flag):
+    """An output file we can write: its directory must be writable (or creatable) and it must not be a directory."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory, not a file")
+    check_out_dir(os.path.dirname(path) or ".", flag)
+    return path
