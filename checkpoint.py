@@ -11,10 +11,12 @@
 load_model(init_from) takes a GPT-2 name, an HF dir, a ckpt_* dir or an out_dir (its final model, else its
 newest complete checkpoint): the one place any script turns --init_from into a model.
 """
+import errno
 import json
 import os
 import random
 import shutil
+import socket
 from dataclasses import asdict
 
 import numpy as np
@@ -69,12 +71,18 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d):
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
     vocab = min(model.config.vocab_size, REAL_VOCAB)
-    model.save_pretrained(tmp, vocab_size=vocab)
-    torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
-                "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
-    with open(os.path.join(tmp, "trainer.json"), "w") as f:
-        json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
-                   "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
+    try:
+        model.save_pretrained(tmp, vocab_size=vocab)
+        torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
+                    "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
+                       "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
+    except Exception as e:  # a full disk surfaces as OSError, safetensors' SafetensorError or torch's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial directory filling the disk
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e)
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"checkpoint not written ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); the previous checkpoints are kept", tmp) from e
     if os.path.isdir(final):  # the same step again (a re-run): swap, never leaving no checkpoint
         os.rename(final, tmp + ".old")
     os.rename(tmp, final)
@@ -111,8 +119,90 @@ def load_checkpoint(path, model, optimizer, loader, d):
     except (ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     loader.load_state_dict(loader_state)
-    set_rng_state({**rng, **state["rng_torch"][d.rank]})
+    try:
+        set_rng_state({**rng, **state["rng_torch"][d.rank]})
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path}: bad RNG state in trainer.json/trainer.pt ({type(e).__name__}: {e})") from None
     return step
+
+
+def recorded_config(path):
+    """The TrainConfig (a dict) a checkpoint was written with, {} if unreadable (load_checkpoint says why)."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            config = json.load(f).get("config")
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+# ----- out_dir: one run per directory -----
+
+RUN_FILES = ("metrics.jsonl", "train_config.json", "config.json", "model.safetensors")
+
+
+def run_contents(out_dir):
+    """The names in out_dir that belong to a training run: its files and its checkpoints, complete or not."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or n.startswith(("ckpt_", ".tmp_ckpt_")))
+
+
+def clear_run(out_dir):
+    """--overwrite: delete the previous run's files and checkpoints; nothing else in out_dir is touched."""
+    for name in run_contents(out_dir):
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def lock_run(out_dir):
+    """Hold out_dir/.lock while this process lives; ConfigError naming the holder if another process has it.
+
+    flock is released by the OS when its process exits or dies, so a crash or kill never leaves a stale
+    lock. (Where fcntl does not exist, on Windows, there is no lock.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"--out_dir {out_dir} is in use by {holder} (lock {f.name}); wait for it, or pick another "
+                          f"--out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def find_resume(out_dir, resume, overwrite):
+    """The checkpoint a run starts from (None: a fresh start), refusing to mix two runs in one out_dir.
+
+    resume "": a fresh run, which needs an out_dir without another run's files (or overwrite: they are
+    deleted first). resume "auto": the newest complete checkpoint; none, while out_dir holds a run (only
+    incomplete checkpoints, say) is refused rather than silently starting over. resume PATH: that checkpoint.
+    """
+    ours = run_contents(out_dir)
+    if resume == "auto" and list_checkpoints(out_dir):
+        return list_checkpoints(out_dir)[-1]
+    if resume not in ("", "auto"):
+        if os.path.normpath(os.path.dirname(os.path.normpath(resume))) == os.path.normpath(out_dir):
+            return resume
+    if ours and not overwrite:
+        what = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
+        if resume == "auto":
+            raise ConfigError(f"--resume auto: {out_dir} holds no complete checkpoint, only {what}; delete them, or "
+                              f"start over with --overwrite true")
+        raise ConfigError(f"--out_dir {out_dir} already holds a run ({what}); continue it with --resume auto, pick a "
+                          f"new --out_dir, or replace it with --overwrite true")
+    clear_run(out_dir)
+    return resume if resume not in ("", "auto") else None
 
 
 def model_dir(init_from):

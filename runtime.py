@@ -5,6 +5,7 @@
     with make_autocast(dtype, d.device):
         ...
 """
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -95,3 +96,26 @@ def setup_dist(device):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, device)
+
+
+def check_compile(device):
+    """Compile and run a tiny function now, in a fresh inductor cache so that nothing cached hides a missing
+    compiler: where torch.compile cannot work (no C++ compiler for inductor on CPU, no Triton on CUDA, some
+    Windows and Mac setups) the run stops here in one line, before data and model load, instead of deep
+    inside torch at the first step. (A silent fall back to eager would run a different, slower recipe.)"""
+    from torch._inductor.utils import fresh_inductor_cache
+    logging.getLogger("torch._inductor.utils").setLevel(logging.ERROR)  # not "temporary cache dir kept at ..."
+    try:
+        with fresh_inductor_cache():
+            torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)(torch.ones(8, device=device))
+    except Exception as e:
+        inner = getattr(e, "inner_exception", None) or e
+        line = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), "")
+        raise ConfigError(f"--compile true: torch.compile does not work here ({type(inner).__name__}: {line[:200]}); "
+                          f"run with --compile false") from None
+
+
+def compiled_graphs():
+    """How many graphs torch.compile has captured in this process (one per use: train, eval, HellaSwag)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]

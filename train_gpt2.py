@@ -11,10 +11,12 @@ HellaSwag acc_norm about 0.30 vs GPT-2's 0.2955.
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -23,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint
-from cli import ConfigError, OneLineParser, parse_bool, run_main
+from checkpoint import (REAL_VOCAB, MetricsLog, find_resume, list_checkpoints, load_checkpoint, load_model, lock_run,
+                        recorded_config, save_checkpoint)
+from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
 from data import hellaswag
-from data.shards import ShardLoader, shard_paths, validate_shards
+from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
 from model import GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
-from runtime import make_autocast, pick_dtype, resolve_device, setup_dist
+from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, resolve_device, setup_dist
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TrainConfig:
     ckpt_interval: int = 1000  # write out_dir/ckpt_<step>/ every this many steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept (the newest)
     resume: str = ""  # "" (start fresh) | auto (newest checkpoint in out_dir, else fresh) | a ckpt dir
+    overwrite: bool = False  # a fresh run may delete the run already in out_dir (else it is refused)
     run_steps: int = 0  # stop after this many steps in this invocation, checkpointed (0: run to max_steps)
     n_layer: int = 12
     n_head: int = 12
@@ -112,7 +116,11 @@ def parse_args(argv=None):
     if preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    return TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
+    if given.get("resume", "") not in ("", "auto") and "out_dir" not in given:  # a resumed run writes where it lives
+        given["out_dir"] = os.path.dirname(os.path.normpath(given["resume"])) or "."
+    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
+    cfg.given = set(given)  # which flags the user set: a resume keeps the checkpoint's measured choices otherwise
+    return cfg
 
 
 def validate(cfg, world_size):
@@ -125,9 +133,14 @@ def validate(cfg, world_size):
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
+    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
+        need(math.isfinite(getattr(cfg, name)), f"--{name}: must be a finite number, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
                  "ckpt_interval", "run_steps", "hellaswag_interval"):
         need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
+    need(not cfg.sample_interval or cfg.sample_prompt, "--sample_prompt: empty (give some text, or --sample_interval 0)")
+    check_seed(cfg.seed)
+    check_out_dir(cfg.out_dir)
     need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
     need(0 <= cfg.dropout < 1, f"--dropout: must be in [0, 1), got {cfg.dropout}")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
@@ -206,9 +219,48 @@ def hellaswag_eval(model, items, cfg, d, autocast):
     return correct / total, correct_norm / total
 
 
+def agree(d, value):
+    """Rank 0's value on every rank: a decision (a checkpoint to resume, an error) that all ranks must share."""
+    if d.world_size > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def start_run(cfg, d):
+    """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
+
+    Returns (lock, checkpoint path or None). A resumed run keeps the dtype and compile the checkpoint was
+    trained with (auto measures again at every start and could switch precision); a flag given on the
+    command line wins, with a note."""
+    lock, ckpt, problem = None, None, None
+    if d.master:
+        try:
+            lock = lock_run(cfg.out_dir)
+            ckpt = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
+        except ConfigError as e:
+            problem = str(e)
+    problem, ckpt = agree(d, (problem, ckpt))
+    if problem:
+        raise ConfigError(problem)
+    recorded = recorded_config(ckpt) if ckpt else {}
+    for name in ("dtype", "compile"):
+        if name in recorded and recorded[name] != getattr(cfg, name):
+            if name in getattr(cfg, "given", ()):
+                d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")
+            else:
+                setattr(cfg, name, recorded[name])
+    return lock, ckpt
+
+
 def train(cfg):
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
+    lock, ckpt = start_run(cfg, d)
+    if cfg.compile:
+        check_compile(d.device)
+    graphs_before = compiled_graphs()  # the check's own graph is not the model's
     cfg.dtype = pick_dtype(cfg.dtype, d.device)
     device_type = "cuda" if d.device.startswith("cuda") else d.device
     torch.manual_seed(cfg.seed)
@@ -234,8 +286,12 @@ def train(cfg):
     if cfg.hellaswag_interval and vocab < REAL_VOCAB:
         raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
                           f"(--hellaswag_interval 0 turns it off)")
-    validate_shards(train_paths, min(vocab, REAL_VOCAB), B * T * W + 1)
-    validate_shards(val_paths, min(vocab, REAL_VOCAB), B * T * W + 1)
+    for paths in (train_paths, val_paths):  # each rank scans its share of the shards; all ranks share the verdict
+        problems = [None] * W
+        mine = shard_problem(paths, min(vocab, REAL_VOCAB), min_tokens=B * T * W + 1, rank=d.rank, world_size=W)
+        dist.all_gather_object(problems, mine) if W > 1 else problems.__setitem__(0, mine)
+        if any(problems):
+            raise DataError(next(p for p in problems if p))
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 
@@ -243,7 +299,8 @@ def train(cfg):
              f"{len(train_paths)} train / {len(val_paths)} val shards in {cfg.data_dir}")
     c = model.config
     d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
-    compiled = torch.compile(model) if cfg.compile else model
+    # static shapes: every use pads to one shape, and automatic dynamic shapes crash DDP's graph splitting
+    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
     autocast = make_autocast(cfg.dtype, d.device)
@@ -251,20 +308,21 @@ def train(cfg):
     hs_items = hellaswag.prepare(hs_examples, enc)  # tokenized once, scored at every HellaSwag eval
 
     if d.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master)
     peak = gpu_peak_flops(torch.cuda.get_device_name(d.device)) if device_type == "cuda" else None
+    if device_type == "cuda" and not peak:
+        d.print0(f"MFU: unknown GPU ({torch.cuda.get_device_name(d.device)})")
     flops_per_token = model.flops_per_token(T)
     step_times = []
 
-    start = 0
-    ckpt = (list_checkpoints(cfg.out_dir) or [None])[-1] if cfg.resume == "auto" else cfg.resume or None
+    start = load_checkpoint(ckpt, model, optimizer, train_loader, d) if ckpt else 0
     if ckpt:
-        start = load_checkpoint(ckpt, model, optimizer, train_loader, d)
         d.print0(f"resumed from {ckpt} at step {start}")
     end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
+    gc.collect()
+    gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
 
     for step in range(start, end):
         last = step == cfg.max_steps - 1
@@ -296,15 +354,20 @@ def train(cfg):
                 loss = loss / grad_accum
                 loss_sum += loss.detach().float()
                 loss.backward()
-        train_loss = d.mean(loss_sum).item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         if device_type == "cuda":
             torch.cuda.synchronize()
+        # read back only now: an .item() before optimizer.step() would stall the GPU queue every step
+        train_loss, norm = d.mean(loss_sum).item(), norm.item()
         dt = time.time() - t0
+        if not (math.isfinite(train_loss) and math.isfinite(norm)):
+            newest = (list_checkpoints(cfg.out_dir) or ["none"])[-1]
+            raise TrainingError(f"step {step}: loss {train_loss}, grad norm {norm}: training diverged; stopped without "
+                                f"saving (newest checkpoint: {newest}); try a lower --max_lr")
         step_times.append(dt)
         tok_per_sec = cfg.total_batch_size / dt
         mfu = flops_per_token * tok_per_sec / (peak * W) if peak else None
@@ -319,12 +382,34 @@ def train(cfg):
     if d.master and end == cfg.max_steps:
         model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB))
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
+    if cfg.compile:
+        d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
     if W > 1:
         dist.destroy_process_group()
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss): one line, exit code 2, the last good checkpoint kept."""
+
+
 def main(argv=None):
-    run_main(lambda: train(parse_args(argv)))
+    cfg = None
+
+    def run():
+        nonlocal cfg
+        cfg = parse_args(argv)
+        train(cfg)
+    try:
+        run_main(run)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
+        how = f"; newest checkpoint {newest[0]}, continue with: python train_gpt2.py ... --out_dir {cfg.out_dir} " \
+              f"--resume auto" if newest else "; no checkpoint was written yet"
+        print(f"\ninterrupted{how}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -103,22 +103,33 @@ def open_shard(path):
     return tokens
 
 
-def validate_shards(paths, vocab_size, min_tokens=1):
-    """Check every shard (see open_shard) and that ids < vocab_size; return the total token count."""
+def shard_problem(paths, vocab_size, min_tokens=1, rank=0, world_size=1):
+    """The first problem with the shards as one line, or None. Every shard's header is checked (see
+    open_shard), but only paths[rank::world_size] are scanned for ids >= vocab_size: under DDP each rank
+    reads its share, and the ranks gather their verdicts (nobody raises alone and hangs the others)."""
     if not paths:
-        raise DataError("no shards to validate")
-    total = 0
-    for path in paths:
-        tokens = open_shard(path)
+        return "no shards to validate"
+    try:
+        shards = [open_shard(path) for path in paths]
+    except DataError as e:
+        return str(e)
+    for path, tokens in list(zip(paths, shards))[rank::world_size]:
         for start in range(0, tokens.size, SCAN_CHUNK):
             top = int(tokens[start:start + SCAN_CHUNK].max())
             if top >= vocab_size:
-                raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}")
-        total += tokens.size
+                return f"{path}: token id {top} >= vocab_size {vocab_size}"
+    total = sum(t.size for t in shards)
     if total < min_tokens:
-        where = os.path.dirname(paths[0]) or "."
-        raise DataError(f"{where}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}")
-    return total
+        return f"{os.path.dirname(paths[0]) or '.'}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}"
+    return None
+
+
+def validate_shards(paths, vocab_size, min_tokens=1):
+    """Check every shard (see shard_problem) in this process; return the total token count."""
+    problem = shard_problem(paths, vocab_size, min_tokens)
+    if problem:
+        raise DataError(problem)
+    return sum(open_shard(p).size for p in paths)
 
 
 class ShardLoader:

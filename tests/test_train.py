@@ -65,7 +65,7 @@ def test_bad_values_exit_2_with_one_line(args, message):
 
 
 def test_missing_shards_name_the_prepare_command(tmp_path):
-    r = run(["--data_dir", str(tmp_path / "nothing"), "--device", "cpu"])
+    r = run(["--data_dir", str(tmp_path / "nothing"), "--device", "cpu", "--out_dir", str(tmp_path / "out")])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "python data/fineweb.py" in r.stderr and str(tmp_path / "nothing") in r.stderr
 
@@ -75,7 +75,8 @@ def test_bad_shard_is_named(tmp_path, shakespeare_dir):
     shutil.copytree(shakespeare_dir, tmp_path / "d")
     with open(tmp_path / "d" / "shakespeare_train_000001.npy", "r+b") as f:
         f.truncate(1000)
-    r = run(TINY + ["--data_dir", str(tmp_path / "d"), "--device", "cpu", "--max_steps", "1", "--compile", "false"])
+    r = run(TINY + ["--data_dir", str(tmp_path / "d"), "--device", "cpu", "--max_steps", "1", "--compile", "false",
+                    "--out_dir", str(tmp_path / "out")])
     assert r.returncode == 2 and "shakespeare_train_000001.npy: cannot read shard" in r.stderr
 
 
@@ -186,3 +187,225 @@ def test_finetune_own_text_lowers_val_loss(tmp_path):
                       "--sample_interval", "0"], timeout=300)
     assert r.returncode == 0, r.stderr
     assert metrics(tmp_path / "out2", "val_loss")[0][1] < val[0][1]
+
+
+# ----- no run is ever lost; a user's mistake is one line (in-process runs: fast, and monkeypatchable) -----
+
+def train_main(args, capsys):
+    """train_gpt2.main(args) in this process: (exit code, stdout, stderr)."""
+    import train_gpt2
+    code = 0
+    try:
+        train_gpt2.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny(data_dir, out_dir, *extra):
+    return TINY + ["--data_dir", data_dir, "--out_dir", str(out_dir), "--device", "cpu", "--compile", "false",
+                   "--eval_interval", "100", *map(str, extra)]
+
+
+def one_error(code, err, *parts):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for part in parts:
+        assert part in lines[0], err
+
+
+def test_resume_path_writes_where_its_checkpoint_lives(tmp_path):
+    run_dir = tmp_path / "runX"
+    assert parse_args(["--resume", str(run_dir / "ckpt_000010")]).out_dir == str(run_dir)
+    assert parse_args(["--resume", str(run_dir / "ckpt_000010"), "--out_dir", "elsewhere"]).out_dir == "elsewhere"
+    assert parse_args(["--resume", "auto"]).out_dir == "out"
+
+
+def test_fresh_run_into_a_finished_run_is_refused_then_overwritten_on_request(tmp_path, shakespeare_dir, capsys):
+    out = tmp_path / "out"
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 2), capsys)[0] == 0
+    before = {n: os.path.getmtime(out / n) for n in os.listdir(out) if n != ".lock"}
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 3), capsys)
+    one_error(code, err, f"--out_dir {out} already holds a run", "--resume auto", "--overwrite true")
+    assert {n: os.path.getmtime(out / n) for n in os.listdir(out) if n != ".lock"} == before  # nothing touched
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 3, "--overwrite", "true"), capsys)
+    assert code == 0, err
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_000003"]  # the old run's are gone
+    assert [s for s, _ in metrics(out, "train_loss")] == [0, 1, 2]  # not interleaved with the old run's
+
+
+def test_resume_auto_with_only_incomplete_checkpoints_is_refused(tmp_path, shakespeare_dir, capsys):
+    out = tmp_path / "out"
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 2), capsys)[0] == 0
+    os.remove(out / "ckpt_000002" / "trainer.pt")
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--resume", "auto"), capsys)
+    one_error(code, err, "--resume auto", "no complete checkpoint", "ckpt_000002", "--overwrite true")
+
+
+def test_two_runs_into_one_out_dir_at_once_are_refused(tmp_path, shakespeare_dir, capsys):
+    from checkpoint import lock_run
+    out = tmp_path / "out"
+    held = lock_run(str(out))  # another training holds it
+    try:
+        code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 1), capsys)
+    finally:
+        held.close()
+    one_error(code, err, f"--out_dir {out} is in use by pid {os.getpid()}")
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 1), capsys)[0] == 0  # released: it runs
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sample_interval", "1", "--sample_prompt", ""], "--sample_prompt: empty"),
+    (["--max_lr", "inf"], "--max_lr: must be a finite number"),
+    (["--min_lr", "nan"], "--min_lr: must be a finite number"),
+    (["--seed", "-1"], "--seed: must be in 0..4294967295"),
+    (["--seed", str(2**32)], "--seed: must be in 0..4294967295"),
+])
+def test_bad_values_are_refused_before_anything_runs(tmp_path, shakespeare_dir, capsys, extra, message):
+    out = tmp_path / "out"
+    one_error(*train_main(tiny(shakespeare_dir, out, "--max_steps", 1, *extra), capsys)[::2], message)
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_or_under_one(tmp_path, shakespeare_dir, capsys):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        one_error(*train_main(tiny(shakespeare_dir, out, "--max_steps", 1), capsys)[::2], f"--out_dir {out}",
+                  "is a file")
+
+
+def test_mistyped_shakespeare_data_dir_is_an_error_not_a_new_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's default data_dir is relative: prepared here if used
+    typo = tmp_path / "data" / "shards" / "shakespear"
+    code, _, err = train_main(["--preset", "shakespeare", "--data_dir", typo, "--out_dir", tmp_path / "o",
+                               "--device", "cpu", "--max_steps", "1"], capsys)
+    one_error(code, err, f"data_dir {typo} does not exist", "python data/shakespeare.py")
+    assert not (tmp_path / "data").exists()
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare_dir, capsys):
+    out = tmp_path / "out"
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 30, "--ckpt_interval", 1, "--keep_last", 30,
+                                   "--max_lr", "1e30", "--min_lr", "1e30", "--warmup_steps", 0, "--grad_clip", 0),
+                              capsys)
+    one_error(code, err, "training diverged", "stopped without saving")
+    ckpts = sorted(n for n in os.listdir(out) if n.startswith("ckpt_"))
+    newest = os.path.join(out, ckpts[-1])
+    assert newest in err and not (out / "model.safetensors").exists()
+    weights = GPT.from_pretrained(newest).state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN model was saved
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous(tmp_path, shakespeare_dir, capsys,
+                                                                            monkeypatch):
+    import errno
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **kw):
+        if "ckpt_000002" in str(path):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 3, "--ckpt_interval", 1), capsys)
+    one_error(code, err, "no space left on device while writing", ".tmp_ckpt_000002")
+    assert sorted(os.listdir(out)) == [".lock", "ckpt_000001", "metrics.jsonl", "train_config.json"]
+
+
+def test_resume_keeps_the_checkpoints_measured_dtype(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """--dtype auto measures at every start; a resume must not switch precision because a timing changed."""
+    import train_gpt2
+    out = tmp_path / "out"
+    args = [a for a in tiny(shakespeare_dir, out) if a not in ("--dtype", "float32")]
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "float32" if dtype == "auto" else dtype)
+    assert train_main(args + ["--max_steps", 4, "--run_steps", 2], capsys)[0] == 0
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "bfloat16" if dtype == "auto" else dtype)
+    code, out_text, err = train_main(args + ["--max_steps", 4, "--resume", "auto"], capsys)
+    assert code == 0 and "dtype float32" in out_text, err
+    code, out_text, err = train_main(args + ["--max_steps", 6, "--resume", "auto", "--dtype", "bfloat16"], capsys)
+    assert code == 0 and "dtype bfloat16" in out_text and "was trained with --dtype float32" in out_text, err
+
+
+def test_bad_rng_or_loader_in_trainer_json_is_one_line(tmp_path, shakespeare_dir, capsys):
+    out = tmp_path / "out"
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--run_steps", 2), capsys)[0] == 0
+    path = out / "ckpt_000002" / "trainer.json"
+    good = json.loads(path.read_text())
+    for broken in ({**good, "rng": [{"python": "x", "numpy": []}]}, {k: v for k, v in good.items() if k != "loader"}):
+        path.write_text(json.dumps(broken))
+        code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--resume", "auto"), capsys)
+        one_error(code, err, "ckpt_000002")
+
+
+def test_no_host_sync_before_the_optimizer_step_and_gc_frozen(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """Reading .item() inside the step stalls a GPU's queue; the loss and norm are read after optimizer.step()."""
+    import gc
+    import train_gpt2
+    events, real_item, real_configure = [], torch.Tensor.item, train_gpt2.configure_optimizers
+
+    def configure(*a, **kw):
+        opt = real_configure(*a, **kw)
+        step, zero = opt.step, opt.zero_grad
+        opt.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
+        opt.zero_grad = lambda *a, **kw: events.append("zero_grad") or zero(*a, **kw)
+        return opt
+    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("item") or real_item(t))
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    assert train_main(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 3), capsys)[0] == 0
+    assert events.count("freeze") == 1 and events.index("freeze") < events.index("zero_grad")
+    for i, e in enumerate(events):
+        if e == "zero_grad":
+            assert events[i + 1:events.index("step", i)].count("item") == 0, events
+
+
+def test_compile_that_cannot_work_stops_in_one_line(tmp_path, shakespeare_dir):
+    """No C++ compiler for inductor (as on some Windows/Mac/container setups): one line naming --compile false."""
+    env = {**os.environ, "CXX": "/nonexistent/c++"}
+    r = run(TINY + ["--data_dir", shakespeare_dir, "--out_dir", str(tmp_path / "out"), "--device", "cpu",
+                    "--compile", "true", "--max_steps", "1"], env=env, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--compile true: torch.compile does not work here" in r.stderr and "--compile false" in r.stderr
+
+
+def test_ctrl_c_names_the_newest_checkpoint_and_the_resume_command(tmp_path, shakespeare_dir):
+    import signal
+    import time
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "train_gpt2.py", *tiny(shakespeare_dir, out, "--max_steps", 100000,
+                                                                  "--ckpt_interval", 1)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "ckpt_000002").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted") and "--resume auto" in line and str(out) in line, err
+    assert "Traceback" not in err
+
+
+def test_torchrun_compile_with_chunked_loss_many_buckets_and_every_eval(tmp_path, shakespeare_dir):
+    """The calls the trainer makes on GPUs, on 2 gloo ranks: compile; val eval at (B, T); HellaSwag at another
+    sequence length; sampling; a checkpoint every step; DDP training with the loss in several chunks over many
+    gradient buckets. Automatic dynamic shapes crashed DDP's graph splitting here ('int' object has no attribute
+    'meta'); static shapes compile one graph per use: train, eval, HellaSwag."""
+    out = tmp_path / "out"
+    args = TINY + [
+        "--data_dir", shakespeare_dir, "--out_dir", str(out), "--device", "cpu", "--compile", "true",
+        "--batch_size", "4", "--total_batch_size", "512", "--max_steps", "3", "--eval_interval", "1",
+        "--hellaswag_interval", "1", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl"),
+        "--sample_interval", "1", "--sample_tokens", "4", "--ckpt_interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_LOGS": "recompiles"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/helpers/ddp_chunks.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _ in metrics(out, "train_loss")] == [0, 1, 2]
+    assert [s for s, _ in metrics(out, "hellaswag_acc_norm")] == [0, 1, 2]
+    assert r.stdout.count("sample: ") == 4 and os.path.isdir(out / "ckpt_000003")
+    assert "compiled graphs: 3" in r.stdout, r.stdout[-2000:]  # rank 0's: train, eval, HellaSwag

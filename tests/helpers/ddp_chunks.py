@@ -1,0 +1,20 @@
+"""A torchrun entry point: train_gpt2.main() with the fused loss forced into several chunks and DDP's
+gradient buckets made tiny, so a small model compiles the way GPT-2 124M does on GPUs (13 loss chunks,
+many buckets: DDP's graph splitting then sees a multi-chunk loss).
+
+    torchrun --nproc_per_node=2 tests/helpers/ddp_chunks.py <train_gpt2 flags>
+"""
+import functools
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import model  # noqa: E402
+import train_gpt2  # noqa: E402
+
+if __name__ == "__main__":
+    model.LOGITS_CHUNK = int(os.environ.get("LOGITS_CHUNK", 2**16))  # 256 rows x 50304 -> 4 chunks at B=4, T=64
+    train_gpt2.DDP = functools.partial(train_gpt2.DDP, bucket_cap_mb=1)  # wte, then the blocks: several buckets
+    train_gpt2.main()
