@@ -103,22 +103,42 @@ def open_shard(path):
     return tokens
 
 
-def validate_shards(paths, vocab_size, min_tokens=1):
-    """Check every shard (see open_shard) and that ids < vocab_size; return the total token count."""
+def max_id(tokens):
+    """The largest token id in a shard, read in SCAN_CHUNK pieces so a 20 GB memmap never loads at once."""
+    return max(int(tokens[start:start + SCAN_CHUNK].max()) for start in range(0, tokens.size, SCAN_CHUNK))
+
+
+def shard_problem(paths, vocab_size, rank=0, world_size=1, min_tokens=1):
+    """The first problem with `paths` as a one-line message, or None if there is none.
+
+    Every rank checks every shard's header (cheap) and the total token count, but scans the token
+    ids of only its share, paths[rank::world_size], so together the ranks read each shard once.
+    It returns instead of raising, so that a trainer can all-gather the verdicts and have every rank
+    fail together rather than leave one waiting in a collective.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if not paths:
-        raise DataError("no shards to validate")
-    total = 0
-    for path in paths:
-        tokens = open_shard(path)
-        for start in range(0, tokens.size, SCAN_CHUNK):
-            top = int(tokens[start:start + SCAN_CHUNK].max())
-            if top >= vocab_size:
-                raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}")
-        total += tokens.size
+        return "no shards to validate"
+    try:
+        shards = [open_shard(path) for path in paths]
+    except DataError as e:
+        return str(e)
+    total = sum(tokens.size for tokens in shards)
     if total < min_tokens:
         where = os.path.dirname(paths[0]) or "."
-        raise DataError(f"{where}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}")
-    return total
+        return f"{where}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}"
+    for path, tokens in zip(paths[rank::world_size], shards[rank::world_size]):
+        if (top := max_id(tokens)) >= vocab_size:
+            return f"{path}: token id {top} >= vocab_size {vocab_size}"
+    return None
+
+
+def validate_shards(paths, vocab_size, min_tokens=1):
+    """Check every shard (see shard_problem, one process); raise DataError or return the total token count."""
+    if problem := shard_problem(paths, vocab_size, min_tokens=min_tokens):
+        raise DataError(problem)
+    return sum(open_shard(path).size for path in paths)
 
 
 class ShardLoader:

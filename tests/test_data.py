@@ -11,8 +11,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import fineweb, shakespeare  # noqa: E402
-from data.shards import EOT, DataError, ShardLoader, shard_paths, validate_shards, write_shard  # noqa: E402
+from data import fineweb, shakespeare, shards  # noqa: E402
+from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
+                         write_shard)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
@@ -137,6 +138,29 @@ def test_out_of_vocab_and_too_few_tokens(tmp_path):
     assert str(tmp_path) in str(e.value)
     with pytest.raises(DataError, match="65536"):
         write_shard(bad, [70000])
+
+
+def test_shard_problem_splits_the_id_scan_across_ranks(tmp_path, monkeypatch):
+    """Each rank scans only paths[rank::world_size] for ids; together two ranks catch a bad id in either shard."""
+    scanned = []
+    monkeypatch.setattr(shards, "max_id", lambda tokens, real=shards.max_id: scanned.append(tokens.filename) or real(tokens))
+    paths, _ = make_shards(tmp_path)
+    for rank in (0, 1):
+        scanned.clear()
+        assert shard_problem(paths, 50257, rank, 2) is None
+        assert scanned == [os.path.realpath(p) for p in paths[rank::2]]
+    for bad in (0, 1):
+        pair = [str(tmp_path / f"p{bad}_train_{i:06d}.npy") for i in range(2)]
+        for i, path in enumerate(pair):
+            write_shard(path, [1, 2, 60000] if i == bad else [1, 2, 3])
+        verdicts = [shard_problem(pair, 50257, rank, 2) for rank in (0, 1)]
+        assert verdicts[bad] == f"{pair[bad]}: token id 60000 >= vocab_size 50257" and verdicts[1 - bad] is None
+    # what the headers tell, every rank sees: a bad header or too few tokens in any shard
+    broken = _bad(tmp_path, "int32")
+    assert all("dtype int32" in shard_problem(paths[:1] + [broken], 50257, rank, 2) for rank in (0, 1))
+    assert all("need at least 1000" in shard_problem(paths, 50257, rank, 2, min_tokens=1000) for rank in (0, 1))
+    with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
+        shard_problem(paths, 50257, 2, 2)
 
 
 def test_missing_data_dir(tmp_path):
