@@ -4,8 +4,11 @@ A shard is a 1-D uint16 array saved with np.save as `<name>_<split>_<idx:06d>.np
 (split is `train` or `val`), with every document preceded by <|endoftext|> (50256).
 These are exactly build-nanogpt's edufineweb_*.npy files, so they work unchanged.
 """
+import contextlib
 import glob
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -44,13 +47,51 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
 
     Val documents go whole into `<prefix>_val_000000.npy`. Train documents are packed into
     `<prefix>_train_000001.npy`, ... of `shard_size` tokens each (a document may straddle two
-    shards, as in build-nanogpt); the last partial shard is written too. The val shard is
-    written last, so its presence marks a complete set. Refuses to mix with existing shards.
+    shards, as in build-nanogpt); the last partial shard is written too. Refuses to mix with
+    existing shards. All or nothing: the shards are written into a `<prefix>.partial-*` folder
+    inside out_dir and moved into place (val last, so its presence marks a complete set) only
+    once every one is written; on any failure, Ctrl-C included, whatever this call wrote is removed.
     """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
         raise DataError(f"{out_dir}: already holds {prefix}_*.npy shards; delete them or pick another out_dir")
-    counts = dict(out_dir=out_dir, val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
-    val, buf, fill = [], np.empty(shard_size, np.uint16), 0
+    try:
+        buf = np.empty(shard_size, np.uint16)  # (shard_size,)
+    except MemoryError:
+        raise DataError(f"shard_size {shard_size:,} tokens needs {shard_size / 2**29:.1f} GiB of memory for one "
+                        f"shard; pick a smaller shard size") from None
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    partial, moved = tempfile.mkdtemp(prefix=f"{prefix}.partial-", dir=out_dir), []
+    try:
+        counts, val = _pack_train(docs, partial, prefix, buf, progress)
+        if not counts["train_docs"] + counts["val_docs"]:
+            raise DataError(f"no documents to write to {out_dir}: the input is empty")
+        if not counts["train_docs"]:
+            raise DataError(f"{out_dir}: no documents left for the train split{hint}")
+        if not counts["val_docs"]:
+            raise DataError(f"{out_dir}: no documents for the val split{hint}")
+        write_shard(os.path.join(partial, shard_name(prefix, "val", 0)), np.concatenate(val))
+        for name in sorted(os.listdir(partial), key=lambda n: n == shard_name(prefix, "val", 0)):  # val last: it marks a complete set
+            os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
+            moved.append(os.path.join(out_dir, name))
+    except BaseException:
+        for path in moved:
+            os.remove(path)
+        shutil.rmtree(partial, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
+    os.rmdir(partial)
+    return dict(out_dir=out_dir, **counts)
+
+
+def _pack_train(docs, out_dir, prefix, buf, progress):
+    """Write train documents into out_dir as shards of len(buf) tokens; return (counts, val documents)."""
+    counts = dict(val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
+    val, fill = [], 0
     with tqdm(unit="tok", unit_scale=True, desc=prefix, disable=not progress) as bar:
         for split, tokens in docs:
             counts[f"{split}_docs"] += 1
@@ -60,24 +101,17 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
                 val.append(tokens)
                 continue
             while len(tokens):
-                take = min(shard_size - fill, len(tokens))
+                take = min(len(buf) - fill, len(tokens))
                 buf[fill:fill + take] = tokens[:take]
                 fill, tokens = fill + take, tokens[take:]
-                if fill == shard_size:
+                if fill == len(buf):
                     counts["train_shards"] += 1
                     write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf)
                     fill = 0
     if fill:
         counts["train_shards"] += 1
         write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf[:fill])
-    if not counts["train_docs"] + counts["val_docs"]:
-        raise DataError(f"no documents to write to {out_dir}: the input is empty")
-    if not counts["train_docs"]:
-        raise DataError(f"{out_dir}: no documents left for the train split{hint}")
-    if not counts["val_docs"]:
-        raise DataError(f"{out_dir}: no documents for the val split{hint}")
-    write_shard(os.path.join(out_dir, shard_name(prefix, "val", 0)), np.concatenate(val))
-    return counts
+    return counts, val
 
 
 def shard_paths(data_dir, split, hint=""):

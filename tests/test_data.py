@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 from data import fineweb, shakespeare, shards  # noqa: E402
 from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
-                         write_shard)
+                         write_shard, write_splits)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
@@ -236,6 +236,53 @@ def test_fineweb_input_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="x.csv: unknown extension"):
         fineweb.prepare(str(tmp_path / "o3"), input=str(tmp_path / "x.csv"), progress=False)
+
+
+def test_bad_line_mid_input_leaves_nothing_and_rerun_works(tmp_path):
+    """A bad JSON line after the first tokenizer batch (256 documents), when several train shards are already
+    written: the error names the line, out_dir is left as it was, and a re-run on the fixed input succeeds."""
+    lines = [json.dumps({"text": f"document {i} says hello to the world."}) + "\n" for i in range(300)]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(lines))
+    bad.write_text("".join(lines[:280] + ["{not json\n"] + lines[281:]))
+    out = tmp_path / "out"
+    for kept in ([], ["notes.txt"]):  # out_dir made by the call, then one that existed before
+        for name in kept:
+            out.mkdir(exist_ok=True)
+            (out / name).write_text("mine")
+        with pytest.raises(DataError, match="bad.jsonl: line 281: not valid JSON"):
+            fineweb.prepare(str(out), input=str(bad), shard_size=100, val_tokens=50, num_threads=1, progress=False)
+        assert (sorted(os.listdir(out)) if out.exists() else []) == kept
+    counts = fineweb.prepare(str(out), input=str(good), shard_size=100, val_tokens=50, num_threads=1, progress=False)
+    assert counts["train_shards"] > 10 and len(shard_paths(str(out), "train")) == counts["train_shards"]
+
+
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
+    """KeyboardInterrupt while shards are written or moved into place: no shard is left, none was ever visible."""
+    out = str(tmp_path / "out")
+
+    def docs():
+        yield "val", np.full(5, EOT, np.uint16)
+        for i in range(40):
+            yield "train", np.full(7, EOT, np.uint16)
+            with pytest.raises(DataError):  # the half-written set is out of sight: no train shards
+                shard_paths(out, "train")
+        if when == "writing":
+            raise KeyboardInterrupt
+
+    moves = []
+
+    def replace(src, dst, real=os.replace):
+        if os.path.dirname(dst) == out and len(moves.append(dst) or moves) == 3:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_splits(docs(), out, "t", shard_size=10, progress=False)
+    assert not os.path.exists(out)
+    assert (len(moves) == 3) == (when == "moving")
 
 
 def test_fineweb_cli_bad_input_exits_2(tmp_path):
