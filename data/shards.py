@@ -73,7 +73,8 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
         if not counts["val_docs"]:
             raise DataError(f"{out_dir}: no documents for the val split{hint}")
         write_shard(os.path.join(partial, shard_name(prefix, "val", 0)), np.concatenate(val))
-        for name in sorted(os.listdir(partial), key=lambda n: n == shard_name(prefix, "val", 0)):  # val last: it marks a complete set
+        val_name = shard_name(prefix, "val", 0)
+        for name in sorted(os.listdir(partial), key=lambda n: n == val_name):  # val last: it marks a complete set
             os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
             moved.append(os.path.join(out_dir, name))
     except BaseException:

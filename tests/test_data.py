@@ -143,7 +143,8 @@ def test_out_of_vocab_and_too_few_tokens(tmp_path):
 def test_shard_problem_splits_the_id_scan_across_ranks(tmp_path, monkeypatch):
     """Each rank scans only paths[rank::world_size] for ids; together two ranks catch a bad id in either shard."""
     scanned = []
-    monkeypatch.setattr(shards, "max_id", lambda tokens, real=shards.max_id: scanned.append(tokens.filename) or real(tokens))
+    real = shards.max_id
+    monkeypatch.setattr(shards, "max_id", lambda tokens: scanned.append(tokens.filename) or real(tokens))
     paths, _ = make_shards(tmp_path)
     for rank in (0, 1):
         scanned.clear()
