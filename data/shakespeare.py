@@ -7,7 +7,6 @@ whole plays (~6% of the tokens) are held out for val.
 Usage:
     python data/shakespeare.py [--out_dir data/shards/shakespeare]
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.fineweb import tokenize
-from data.shards import DataError, shard_name, write_splits
+from data.shards import ArgParser, DataError, shard_name, write_splits
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(DATA_DIR, "shards", "shakespeare")
@@ -64,12 +63,11 @@ def prepare(out_dir=OUT_DIR, cache_dir=CACHE_DIR, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", default=OUT_DIR, help="where the shards go")
-    args = p.parse_args(argv)
     try:
-        print(f"shakespeare shards in {prepare(args.out_dir)}")
-    except DataError as e:
+        print(f"shakespeare shards in {prepare(p.parse_args(argv).out_dir)}")
+    except (DataError, OSError) as e:  # OSError: e.g. --out_dir is a file, or the disk is full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

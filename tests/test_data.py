@@ -286,6 +286,24 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
     assert (len(moves) == 3) == (when == "moving")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--num_threads", "-1"], "--num_threads -1: must be >= 1"), (["--num_threads", "0"], "--num_threads 0: must be >= 1"),
+    (["--shard_size", "0"], "--shard_size 0: must be >= 1"), (["--val_tokens", "-5"], "--val_tokens -5: must be >= 1"),
+    (["--shard_size", "1e6"], "argument --shard_size: invalid int value: '1e6'"), (["--bogus"], "unrecognized arguments"),
+    (["--shard_size", str(10**15)], "needs 1862645.1 GiB of memory"), (["--out_dir", "in.txt"], "File exists")])
+def test_fineweb_bad_flag_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("Some text to tokenize. " * 20)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--input", "in.txt", "--out_dir", "out"] + args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        shakespeare.main(["--bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --bogus\n"
+
+
 def test_fineweb_cli_bad_input_exits_2(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
     run = subprocess.run([sys.executable, "data/fineweb.py", "--input", missing, "--out_dir", str(tmp_path / "o")],
