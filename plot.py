@@ -128,8 +128,8 @@ def summary(metrics):
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="training out_dir(s) with metrics.jsonl")
-    parser.add_argument("--out", help=f"image to write, {'/'.join(FORMATS)} by its extension (default: OUT_DIR/loss.png "
-                                      f"for one run, loss.png for several)")
+    parser.add_argument("--out", help=f"image to write, {'/'.join(FORMATS)} by its extension "
+                                      f"(default: OUT_DIR/loss.png for one run, loss.png for several)")
     args = parser.parse_args(argv)
     out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
                        else "loss.png")

@@ -120,7 +120,8 @@ def test_out_prints_the_file_it_wrote(tmp_path, capsys, out, written, magic):
     write_metrics(tmp_path / "run" / "metrics.jsonl", EVENTS)
     main([str(tmp_path / "run"), "--out", str(tmp_path / out)])
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / written}"
-    assert (tmp_path / written).read_bytes().startswith(magic) and sorted(os.listdir(tmp_path)) == sorted(["run", written])
+    assert (tmp_path / written).read_bytes().startswith(magic)
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", written])
 
 
 def test_unknown_out_extension_is_one_line(tmp_path, capsys):
