@@ -20,6 +20,7 @@ from matplotlib.ticker import FuncFormatter
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M checkpoint, FineWeb-Edu val
 GPT2_124M_HELLASWAG = 0.2945  # acc_norm (play.ipynb: 0.294463)
 GPT3_124M_HELLASWAG = 0.337  # acc_norm, GPT-3 paper's 125M model
+FORMATS = (".png", ".pdf", ".svg")  # --out's extension picks one; none means .png
 
 
 class MetricsError(ValueError):
@@ -127,10 +128,16 @@ def summary(metrics):
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="training out_dir(s) with metrics.jsonl")
-    parser.add_argument("--out", help="PNG to write (default: OUT_DIR/loss.png for one run, loss.png for several)")
+    parser.add_argument("--out", help=f"image to write, {'/'.join(FORMATS)} by its extension "
+                                      f"(default: OUT_DIR/loss.png for one run, loss.png for several)")
     args = parser.parse_args(argv)
     out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
                        else "loss.png")
+    ext = os.path.splitext(out)[1]
+    if not ext:
+        out += ".png"  # what matplotlib would write anyway; named here so that "wrote ..." is the real path
+    elif ext.lower() not in FORMATS:
+        parser.error(f"--out {out}: unknown extension {ext!r}; use one of {', '.join(FORMATS)}")
     try:
         runs = load_runs(args.runs)
         plot_runs(runs, out)

@@ -12,7 +12,6 @@ Usage:
     python data/fineweb.py --name sample-100BT
     python data/fineweb.py --input my_texts/ --prefix mytext --shard_size 10000000
 """
-import argparse
 import itertools
 import json
 import os
@@ -23,7 +22,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from data.shards import DataError, write_splits
+from data.shards import ArgParser, DataError, write_splits
 from data.tokenizer import EOT, get_encoding
 
 SHARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards")
@@ -138,6 +137,8 @@ def split_first(docs, val_tokens):
 def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_size=10**8,
             val_tokens=None, text_field="text", num_threads=None, progress=True):
     """Tokenize the hub dataset `name`, or local `input`, into shards in out_dir; return counts."""
+    if num_threads is not None and num_threads < 1:
+        raise DataError(f"--num_threads {num_threads}: must be >= 1 (leave it out to use every core)")
     if input is None:
         texts, val_tokens = hub_texts(name, text_field), val_tokens or HUB_VAL_TOKENS
     else:
@@ -145,15 +146,16 @@ def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_
         texts = read_texts(files, text_field)
         if val_tokens is None:  # 10% of a 4-bytes-per-token estimate
             val_tokens = max(1, sum(os.path.getsize(f) for f in files) // 4 // 10)
-    if shard_size < 1 or val_tokens < 1:
-        raise DataError(f"--shard_size {shard_size} and --val_tokens {val_tokens} must be >= 1")
+    for flag, value in (("--shard_size", shard_size), ("--val_tokens", val_tokens)):
+        if value < 1:
+            raise DataError(f"{flag} {value}: must be >= 1")
     docs = split_first(tokenize(texts, num_threads), val_tokens)
     return write_splits(docs, out_dir, prefix, shard_size, progress=progress,
                         hint=f" (val_tokens {val_tokens} took every document; lower --val_tokens)")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", help="where the shards go (default: data/shards/<prefix>)")
     p.add_argument("--input", help="a .txt/.jsonl/.parquet file or a folder of them (default: the hub dataset)")
     p.add_argument("--name", default="sample-10BT", help="fineweb-edu config: sample-10BT, sample-100BT, ...")
@@ -162,12 +164,12 @@ def main(argv=None):
     p.add_argument("--val_tokens", type=int, help="tokens of whole documents for val (default: 1e8 hub, 10%% local)")
     p.add_argument("--text_field", default="text", help="the document field of .jsonl/.parquet rows")
     p.add_argument("--num_threads", type=int, help="tokenizer threads (default: every core)")
-    args = p.parse_args(argv)
-    out_dir = args.out_dir or os.path.join(SHARDS_DIR, args.prefix)
     try:
+        args = p.parse_args(argv)
+        out_dir = args.out_dir or os.path.join(SHARDS_DIR, args.prefix)
         counts = prepare(out_dir, args.input, args.name, args.prefix, args.shard_size, args.val_tokens,
                          args.text_field, args.num_threads)
-    except DataError as e:
+    except (DataError, OSError) as e:  # OSError: e.g. --out_dir is a file, or the disk is full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {counts['val_tokens']:,} val tokens ({counts['val_docs']:,} docs) and {counts['train_tokens']:,} "

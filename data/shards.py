@@ -4,8 +4,12 @@ A shard is a 1-D uint16 array saved with np.save as `<name>_<split>_<idx:06d>.np
 (split is `train` or `val`), with every document preceded by <|endoftext|> (50256).
 These are exactly build-nanogpt's edufineweb_*.npy files, so they work unchanged.
 """
+import argparse
+import contextlib
 import glob
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -17,6 +21,14 @@ SCAN_CHUNK = 2**24  # tokens per chunk when scanning a shard for its max id (32 
 
 class DataError(ValueError):
     """A user-facing data problem; scripts print its one-line message and exit with code 2."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise DataError, so the data/ scripts (which do not import cli.py) report
+    a bad flag in one line too."""
+
+    def error(self, message):
+        raise DataError(message)
 
 
 def shard_name(prefix, split, idx):
@@ -44,13 +56,52 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
 
     Val documents go whole into `<prefix>_val_000000.npy`. Train documents are packed into
     `<prefix>_train_000001.npy`, ... of `shard_size` tokens each (a document may straddle two
-    shards, as in build-nanogpt); the last partial shard is written too. The val shard is
-    written last, so its presence marks a complete set. Refuses to mix with existing shards.
+    shards, as in build-nanogpt); the last partial shard is written too. Refuses to mix with
+    existing shards. All or nothing: the shards are written into a `<prefix>.partial-*` folder
+    inside out_dir and moved into place (val last, so its presence marks a complete set) only
+    once every one is written; on any failure, Ctrl-C included, whatever this call wrote is removed.
     """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
         raise DataError(f"{out_dir}: already holds {prefix}_*.npy shards; delete them or pick another out_dir")
-    counts = dict(out_dir=out_dir, val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
-    val, buf, fill = [], np.empty(shard_size, np.uint16), 0
+    try:
+        buf = np.empty(shard_size, np.uint16)  # (shard_size,)
+    except MemoryError:
+        raise DataError(f"shard_size {shard_size:,} tokens needs {shard_size / 2**29:.1f} GiB of memory for one "
+                        f"shard; pick a smaller shard size") from None
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    partial, moved = tempfile.mkdtemp(prefix=f"{prefix}.partial-", dir=out_dir), []
+    try:
+        counts, val = _pack_train(docs, partial, prefix, buf, progress)
+        if not counts["train_docs"] + counts["val_docs"]:
+            raise DataError(f"no documents to write to {out_dir}: the input is empty")
+        if not counts["train_docs"]:
+            raise DataError(f"{out_dir}: no documents left for the train split{hint}")
+        if not counts["val_docs"]:
+            raise DataError(f"{out_dir}: no documents for the val split{hint}")
+        write_shard(os.path.join(partial, shard_name(prefix, "val", 0)), np.concatenate(val))
+        val_name = shard_name(prefix, "val", 0)
+        for name in sorted(os.listdir(partial), key=lambda n: n == val_name):  # val last: it marks a complete set
+            os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
+            moved.append(os.path.join(out_dir, name))
+    except BaseException:
+        for path in moved:
+            os.remove(path)
+        shutil.rmtree(partial, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
+    os.rmdir(partial)
+    return dict(out_dir=out_dir, **counts)
+
+
+def _pack_train(docs, out_dir, prefix, buf, progress):
+    """Write train documents into out_dir as shards of len(buf) tokens; return (counts, val documents)."""
+    counts = dict(val_docs=0, val_tokens=0, train_docs=0, train_tokens=0, train_shards=0)
+    val, fill = [], 0
     with tqdm(unit="tok", unit_scale=True, desc=prefix, disable=not progress) as bar:
         for split, tokens in docs:
             counts[f"{split}_docs"] += 1
@@ -60,24 +111,17 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
                 val.append(tokens)
                 continue
             while len(tokens):
-                take = min(shard_size - fill, len(tokens))
+                take = min(len(buf) - fill, len(tokens))
                 buf[fill:fill + take] = tokens[:take]
                 fill, tokens = fill + take, tokens[take:]
-                if fill == shard_size:
+                if fill == len(buf):
                     counts["train_shards"] += 1
                     write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf)
                     fill = 0
     if fill:
         counts["train_shards"] += 1
         write_shard(os.path.join(out_dir, shard_name(prefix, "train", counts["train_shards"])), buf[:fill])
-    if not counts["train_docs"] + counts["val_docs"]:
-        raise DataError(f"no documents to write to {out_dir}: the input is empty")
-    if not counts["train_docs"]:
-        raise DataError(f"{out_dir}: no documents left for the train split{hint}")
-    if not counts["val_docs"]:
-        raise DataError(f"{out_dir}: no documents for the val split{hint}")
-    write_shard(os.path.join(out_dir, shard_name(prefix, "val", 0)), np.concatenate(val))
-    return counts
+    return counts, val
 
 
 def shard_paths(data_dir, split, hint=""):
@@ -103,33 +147,42 @@ def open_shard(path):
     return tokens
 
 
-def shard_problem(paths, vocab_size, min_tokens=1, rank=0, world_size=1):
-    """The first problem with the shards as one line, or None. Every shard's header is checked (see
-    open_shard), but only paths[rank::world_size] are scanned for ids >= vocab_size: under DDP each rank
-    reads its share, and the ranks gather their verdicts (nobody raises alone and hangs the others)."""
+def max_id(tokens):
+    """The largest token id in a shard, read in SCAN_CHUNK pieces so a 20 GB memmap never loads at once."""
+    return max(int(tokens[start:start + SCAN_CHUNK].max()) for start in range(0, tokens.size, SCAN_CHUNK))
+
+
+def shard_problem(paths, vocab_size, rank=0, world_size=1, min_tokens=1):
+    """The first problem with `paths` as a one-line message, or None if there is none.
+
+    Every rank checks every shard's header (cheap) and the total token count, but scans the token
+    ids of only its share, paths[rank::world_size], so together the ranks read each shard once.
+    It returns instead of raising, so that a trainer can all-gather the verdicts and have every rank
+    fail together rather than leave one waiting in a collective.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if not paths:
         return "no shards to validate"
     try:
         shards = [open_shard(path) for path in paths]
     except DataError as e:
         return str(e)
-    for path, tokens in list(zip(paths, shards))[rank::world_size]:
-        for start in range(0, tokens.size, SCAN_CHUNK):
-            top = int(tokens[start:start + SCAN_CHUNK].max())
-            if top >= vocab_size:
-                return f"{path}: token id {top} >= vocab_size {vocab_size}"
-    total = sum(t.size for t in shards)
+    total = sum(tokens.size for tokens in shards)
     if total < min_tokens:
-        return f"{os.path.dirname(paths[0]) or '.'}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}"
+        where = os.path.dirname(paths[0]) or "."
+        return f"{where}: {len(paths)} shards hold {total} tokens, need at least {min_tokens}"
+    for path, tokens in zip(paths[rank::world_size], shards[rank::world_size]):
+        if (top := max_id(tokens)) >= vocab_size:
+            return f"{path}: token id {top} >= vocab_size {vocab_size}"
     return None
 
 
 def validate_shards(paths, vocab_size, min_tokens=1):
-    """Check every shard (see shard_problem) in this process; return the total token count."""
-    problem = shard_problem(paths, vocab_size, min_tokens)
-    if problem:
+    """Check every shard (see shard_problem, one process); raise DataError or return the total token count."""
+    if problem := shard_problem(paths, vocab_size, min_tokens=min_tokens):
         raise DataError(problem)
-    return sum(open_shard(p).size for p in paths)
+    return sum(open_shard(path).size for path in paths)
 
 
 class ShardLoader:

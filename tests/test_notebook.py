@@ -113,6 +113,26 @@ def test_usage_error_is_one_line(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.parametrize("out, written, magic", [("loss", "loss.png", b"\x89PNG"), ("a.png", "a.png", b"\x89PNG"),
+                                                 ("a.pdf", "a.pdf", b"%PDF"), ("A.SVG", "A.SVG", b"<?xml")])
+def test_out_prints_the_file_it_wrote(tmp_path, capsys, out, written, magic):
+    """--out's extension picks the format; with none, .png is added, and "wrote ..." names the real file."""
+    write_metrics(tmp_path / "run" / "metrics.jsonl", EVENTS)
+    main([str(tmp_path / "run"), "--out", str(tmp_path / out)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / written}"
+    assert (tmp_path / written).read_bytes().startswith(magic)
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", written])
+
+
+def test_unknown_out_extension_is_one_line(tmp_path, capsys):
+    write_metrics(tmp_path / "run" / "metrics.jsonl", EVENTS)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "run"), "--out", str(tmp_path / "x.xyz")])
+    assert e.value.code == 2 and capsys.readouterr().err == \
+        f"error: --out {tmp_path / 'x.xyz'}: unknown extension '.xyz'; use one of .png, .pdf, .svg\n"
+    assert os.listdir(tmp_path) == ["run"]
+
+
 @pytest.mark.parametrize("lines, where", [
     (['{"step": 0, "val_loss": 1.0}\n', '{"step": 1, "val_lo\n'], "metrics.jsonl:2: not JSON"),
     (['{"val_loss": 1.0}\n'], "metrics.jsonl:1: expected a JSON object with an integer \"step\""),
