@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (REAL_VOCAB, MetricsLog, find_resume, list_checkpoints, load_checkpoint, load_model, lock_run,
-                        recorded_config, save_checkpoint)
+from checkpoint import (REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint,
+                        start_run)
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, shard_problem
@@ -217,41 +217,6 @@ def hellaswag_eval(model, items, cfg, d, autocast):
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, correct_norm, total = counts.tolist()
     return correct / total, correct_norm / total
-
-
-def agree(d, value):
-    """Rank 0's value on every rank: a decision (a checkpoint to resume, an error) that all ranks must share."""
-    if d.world_size > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-def start_run(cfg, d):
-    """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
-
-    Returns (lock, checkpoint path or None). A resumed run keeps the dtype and compile the checkpoint was
-    trained with (auto measures again at every start and could switch precision); a flag given on the
-    command line wins, with a note."""
-    lock, ckpt, problem = None, None, None
-    if d.master:
-        try:
-            lock = lock_run(cfg.out_dir)
-            ckpt = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
-        except ConfigError as e:
-            problem = str(e)
-    problem, ckpt = agree(d, (problem, ckpt))
-    if problem:
-        raise ConfigError(problem)
-    recorded = recorded_config(ckpt) if ckpt else {}
-    for name in ("dtype", "compile"):
-        if name in recorded and recorded[name] != getattr(cfg, name):
-            if name in getattr(cfg, "given", ()):
-                d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")
-            else:
-                setattr(cfg, name, recorded[name])
-    return lock, ckpt
 
 
 def train(cfg):
