@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -357,8 +358,22 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss): one line, exit code 2, the last good checkpoint kept."""
 
 
+def resume_command(argv, out_dir):
+    """The command line that continues this run: the same flags, without --resume/--overwrite, plus
+    --out_dir and --resume auto."""
+    keep, skip = [], False
+    for a in argv:
+        if skip or a.split("=")[0] in ("--resume", "--overwrite"):
+            skip = not skip and "=" not in a
+            continue
+        keep.append(a)
+    if "--out_dir" not in {a.split("=")[0] for a in keep}:
+        keep += ["--out_dir", out_dir]
+    return " ".join(["python train_gpt2.py", *map(shlex.quote, keep), "--resume", "auto"])
+
+
 def main(argv=None):
-    cfg = None
+    argv, cfg = sys.argv[1:] if argv is None else argv, None
 
     def run():
         nonlocal cfg
@@ -371,8 +386,8 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
-        how = f"; newest checkpoint {newest[0]}, continue with: python train_gpt2.py ... --out_dir {cfg.out_dir} " \
-              f"--resume auto" if newest else "; no checkpoint was written yet"
+        how = f"; newest checkpoint {newest[0]}; continue with: {resume_command(argv, cfg.out_dir)}" if newest \
+            else "; no checkpoint was written yet"
         print(f"\ninterrupted{how}", file=sys.stderr)
         sys.exit(130)
 

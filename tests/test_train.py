@@ -409,3 +409,12 @@ def test_torchrun_compile_with_chunked_loss_many_buckets_and_every_eval(tmp_path
     assert [s for s, _ in metrics(out, "hellaswag_acc_norm")] == [0, 1, 2]
     assert r.stdout.count("sample: ") == 4 and os.path.isdir(out / "ckpt_000003")
     assert "compiled graphs: 3" in r.stdout, r.stdout[-2000:]  # rank 0's: train, eval, HellaSwag
+
+
+def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
+    from train_gpt2 import resume_command
+    assert resume_command(["--preset", "shakespeare", "--resume", "out/ckpt_000001", "--max_lr=1e-3", "--overwrite",
+                           "true"], "out") == \
+        "python train_gpt2.py --preset shakespeare --max_lr=1e-3 --out_dir out --resume auto"
+    assert resume_command(["--resume=auto", "--out_dir", "my run"], "my run") == \
+        "python train_gpt2.py --out_dir 'my run' --resume auto"
