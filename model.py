@@ -9,6 +9,7 @@ without allocating any weights.
 """
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,7 +26,14 @@ MODEL_SHAPES = {
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 LOGITS_CHUNK = 2**28  # logits made at once by LinearCrossEntropy (1 GiB in float32; bf16 adds its copies)
-GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (not 2:4 sparse) bf16 tensor-core FLOP/s from NVIDIA's datasheets and whitepapers (GeForce: with fp32
+# accumulate, as training uses), keyed by the model in torch.cuda.get_device_name(); see gpu_peak_flops.
+GPU_PEAK_BF16_FLOPS = {
+    "B200": 2250e12, "H200": 989e12, "H200 NVL": 835.5e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835.5e12,  # "H100" is the SXM card ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,  # 40GB and 80GB, PCIe and SXM alike
+    "L40S": 362.05e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12,
+}
 
 
 @dataclass
@@ -445,9 +453,13 @@ def format_report(rows):
 
 
 def gpu_peak_flops(device_name):
-    """bf16 dense peak FLOP/s of a known GPU name, else None."""
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():  # 'H100 PCIe' is listed before 'H100'
-        if key in device_name:
+    """Dense bf16 peak FLOP/s of a GPU named as torch.cuda.get_device_name() names it, else None.
+
+    A model must stand whole in the name, followed by its end, '-' or a memory size ("NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 80GB HBM3"): so "H100 NVL", "RTX 3090 Ti", "A10G" or "GH200" never take another card's figure.
+    """
+    for model, flops in GPU_PEAK_BF16_FLOPS.items():
+        if re.search(rf"\b{re.escape(model)}($|-| \d+GB)", device_name, flags=re.IGNORECASE):
             return flops
     return None
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf
-from model import (GPT, MODEL_SHAPES, GPTConfig, KVCache, configure_optimizers, gpu_peak_flops, hf_to_ours, ours_to_hf, param_counts,
-                   sample_next)
+from model import (GPT, GPU_PEAK_BF16_FLOPS, MODEL_SHAPES, GPTConfig, KVCache, configure_optimizers, gpu_peak_flops, hf_to_ours,
+                   ours_to_hf, param_counts, sample_next)
 
 
 def test_state_dict_keys_are_hf_keys(tiny_hf):
@@ -190,14 +190,30 @@ def test_optimizer_decays_only_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_flops_and_peaks():
+def test_flops_per_token():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32))
     n = sum(p.numel() for p in model.parameters()) - 16 * 8
     assert model.flops_per_token(16) == 6 * n + 12 * 1 * 2 * 4 * 16
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-    assert gpu_peak_flops("NVIDIA GeForce GTX 1080") is None
+
+
+@pytest.mark.parametrize("name, flops", [  # names as torch.cuda.get_device_name() gives them
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835.5e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362.05e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    # cards not in the table, some named like one that is: no figure rather than a wrong one
+    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 3090 Ti", None), ("NVIDIA GeForce RTX 4090 D", None),
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("NVIDIA GH200 480GB", None), ("NVIDIA H800", None),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_gpu_peak_flops(name, flops):
+    assert gpu_peak_flops(name) == flops
+
+
+def test_every_gpu_in_the_table_gets_its_own_figure():
+    for model, flops in GPU_PEAK_BF16_FLOPS.items():
+        assert gpu_peak_flops(f"NVIDIA {model}") == flops, model
 
 
 def test_model_py_prints_the_storage_table():
