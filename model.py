@@ -326,8 +326,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 def config_from_hf(d):
     """A Hugging Face GPT2Config dict -> GPTConfig."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got a JSON {type(d).__name__}")
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"unsupported activation_function {d['activation_function']!r}")
+    for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if type(d[k]) is not int or d[k] < 1:
+            raise ValueError(f"{k} must be a positive integer, got {d[k]!r}")
+    if d["n_embd"] % d["n_head"]:
+        raise ValueError(f"n_embd {d['n_embd']} is not divisible by n_head {d['n_head']}")
     return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
                      n_head=d["n_head"], n_embd=d["n_embd"], bias=True)
 
@@ -371,8 +378,10 @@ def read_hf_dir(path):
     try:
         with open(cfg_path) as f:
             config = config_from_hf(json.load(f))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: not a GPT-2 config ({type(e).__name__}: {e})") from None
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: not a GPT-2 config (no {e})") from None
+    except ValueError as e:  # bad JSON (JSONDecodeError is a ValueError) or values config_from_hf refuses
+        raise ValueError(f"{cfg_path}: not a GPT-2 config ({e})") from None
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     try:
         if os.path.isfile(st):

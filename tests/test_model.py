@@ -171,6 +171,22 @@ def test_load_errors_list_the_bad_keys(tmp_path, tiny_hf):
         GPT.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("change, match", [
+    (lambda d: [d], "a JSON list"), (lambda d: {**d, "n_embd": 33}, "n_embd 33 is not divisible by n_head 2"),
+    (lambda d: {**d, "n_head": 0}, "n_head must be a positive integer, got 0"), (lambda d: {k: d[k] for k in d if k != "n_layer"}, "no 'n_layer'"),
+], ids=["list", "n_embd", "n_head", "missing"])
+def test_bad_config_json_is_a_clear_error_naming_the_file(tiny_hf, change, match):
+    import json
+    cfg = os.path.join(tiny_hf[1], "config.json")
+    with open(cfg) as f:
+        d = json.load(f)
+    with open(cfg, "w") as f:
+        json.dump(change(d), f)
+    with pytest.raises(ValueError, match=match) as e:
+        GPT.from_pretrained(tiny_hf[1])
+    assert str(e.value).startswith(f"{cfg}: not a GPT-2 config")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_param_counts(bias):
     config = GPTConfig(block_size=32, vocab_size=100, n_layer=3, n_head=2, n_embd=16, bias=bias)
