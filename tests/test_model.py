@@ -42,6 +42,86 @@ def test_logits_and_loss_match_hf(tiny_hf):
     torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8], ids=str)
+def test_sliced_integer_and_1d_inputs_match_hf(tiny_hf, dtype):
+    """What users pass: idx[:, :-1] and idx[:, 1:] (non-contiguous views), any integer dtype, one sequence (T,)."""
+    hf, path = tiny_hf
+    model = GPT.from_pretrained(path).eval()
+    seq = torch.randint(0, 128, (3, 41))
+    idx, targets = seq.to(dtype)[:, :-1], seq.to(dtype)[:, 1:]
+    assert not idx.is_contiguous() and not targets.is_contiguous()
+    with torch.no_grad():
+        ref_logits = hf(seq[:, :-1]).logits  # (3, 40, vocab)
+        ref_loss = hf(seq, labels=seq).loss  # HF shifts labels itself: position t predicts seq[t + 1], as our targets
+        ref_hidden = hf.transformer(seq[0]).last_hidden_state  # HF's GPT2Model keeps a 1-D input unbatched: (T, C)
+        torch.testing.assert_close(model(idx)[0], ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx, targets)[1], ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden_states(idx), hf.transformer(seq[:, :-1]).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+        # one sequence (T,): unbatched results
+        torch.testing.assert_close(model(idx[0])[0], ref_logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx[0], targets[0])[1], hf(seq[:1], labels=seq[:1]).loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden_states(seq.to(dtype)[0]), ref_hidden, rtol=1e-5, atol=1e-5)
+    # the fused loss's gradients flow through the same checks
+    loss = model(idx, targets)[1]
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_generate_takes_sliced_int32_and_1d_prompts(tiny_hf):
+    hf, path = tiny_hf
+    model = GPT.from_pretrained(path).eval()
+    seq = torch.randint(0, 128, (2, 8))
+    prompt = seq.int()[:, 1:]  # (2, 7) int32, non-contiguous
+    ref = hf.generate(seq[:, 1:], attention_mask=torch.ones_like(seq[:, 1:]), max_new_tokens=10, do_sample=False,
+                      pad_token_id=0)  # (2, 17) int64
+    out = model.generate(prompt, 10, temperature=0)
+    assert out.dtype == torch.int64 and torch.equal(out, ref)
+    one = model.generate(prompt[1], 10, temperature=0)  # (T,) -> (T + 10,)
+    assert one.shape == (17,) and torch.equal(one, ref[1])
+    steps = list(model.generate_stream(prompt[1], 10, temperature=0))
+    assert [tuple(s.shape) for s in steps] == [(1,)] * 10 and torch.equal(torch.cat(steps), ref[1, 7:])
+
+
+def test_misused_inputs_are_clear_errors():
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"targets \(2, 7\) and idx \(2, 8\) must have the same shape"):
+        model(idx, idx[:, 1:])
+    with pytest.raises(ValueError, match=r"targets \(8,\) and idx \(2, 8\)"):
+        model(idx, idx[0])
+    with pytest.raises(ValueError, match="idx must be a tensor of integer token ids, got torch.float32"):
+        model(idx.float())
+    with pytest.raises(ValueError, match="targets must be a tensor of integer token ids, got torch.float32"):
+        model(idx, idx.float())
+    with pytest.raises(ValueError, match="idx must be a tensor of integer token ids, got list"):
+        model([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\) or one sequence \(T,\), got shape \(1, 2, 8\)"):
+        model.hidden_states(idx[None])
+    with pytest.raises(ValueError, match="idx must be a tensor of integer token ids, got torch.float32"):
+        model.generate(idx.float(), 3)
+    with pytest.raises(ValueError, match="n_embd 9 must be divisible by n_head 2"):
+        GPT(GPTConfig(n_embd=9, n_head=2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=0), "top_k must be >= 1"), (dict(top_k=-3), "top_k must be >= 1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
+    (dict(temperature=-0.5), "temperature must be >= 0"), (dict(temperature=float("nan")), "temperature"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(idx=torch.zeros(2, 0, dtype=torch.long)), "empty prompt"), (dict(idx=torch.zeros(0, dtype=torch.long)), "empty prompt"),
+])
+def test_bad_generation_arguments_are_clear_errors(kwargs, match):
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    args = {"idx": torch.zeros(2, 3, dtype=torch.long), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model.generate(**args)
+    with pytest.raises(ValueError, match=match):
+        model.generate_stream(**args)  # at the call, before the first token is asked for
+    ok = model.generate(torch.zeros(2, 3, dtype=torch.long), 2, temperature=0.5, top_k=None, top_p=1.0)
+    assert ok.shape == (2, 5) and model.generate(torch.zeros(2, 3, dtype=torch.long), 0).shape == (2, 3)
+
+
 def test_full_124m_config_matches_hf(tmp_path):
     hf, path = make_hf(tmp_path, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
     model = GPT.from_pretrained(path).eval()
