@@ -9,6 +9,7 @@ without allocating any weights.
 """
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,7 +26,14 @@ MODEL_SHAPES = {
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 LOGITS_CHUNK = 2**28  # logits made at once by LinearCrossEntropy (1 GiB in float32; bf16 adds its copies)
-GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (not 2:4 sparse) bf16 tensor-core FLOP/s from NVIDIA's datasheets and whitepapers (GeForce: with fp32
+# accumulate, as training uses), keyed by the model in torch.cuda.get_device_name(); see gpu_peak_flops.
+GPU_PEAK_BF16_FLOPS = {
+    "B200": 2250e12, "H200": 989e12, "H200 NVL": 835.5e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835.5e12,  # "H100" is the SXM card ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,  # 40GB and 80GB, PCIe and SXM alike
+    "L40S": 362.05e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12,
+}
 
 
 @dataclass
@@ -99,7 +107,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale_init = True
@@ -175,53 +184,78 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> (logits, loss). Targets are token ids or -100 (ignored).
+        """idx (B, T) -> (logits, loss). Targets are token ids or -100 (ignored), shaped as idx.
 
         Without targets: logits (B, T, vocab) and loss None; with a cache (generation) only the last
         position's: (B, 1, vocab). With targets: (None, mean loss), computed by LinearCrossEntropy so the
         full (B, T, vocab) logits never exist (they are the largest tensor of a training step).
+        Ids may be any integer dtype and strides (idx[:, :-1], idx[:, 1:]). One sequence (T,) gives
+        unbatched results, logits (T, vocab), as HF's GPT2Model and torch's layers do for unbatched input
+        (transformers 5's GPT2LMHeadModel refuses 1-D input_ids).
         """
-        B, T = idx.size()
-        if targets is not None and cache is not None:
-            raise ValueError("targets and cache do not go together: the loss is for training, the cache for decoding")
-        x = self.hidden_states(idx, cache)  # (B, T, C)
+        idx = token_ids(idx, "idx")
+        if targets is not None:
+            if cache is not None:
+                raise ValueError("targets and cache do not go together: the loss is for training, the cache for decoding")
+            targets = token_ids(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} and idx {tuple(idx.shape)} must have the same shape")
+        x = self.hidden_states(idx, cache)  # (B, T, C) or (T, C)
         if targets is not None:
             device = x.device.type
             autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
             dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
+            return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                                    dtype, needs_grad)
         if cache is not None:
-            x = x[:, -1:]  # (B, 1, C)
+            x = x[..., -1:, :]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab)
 
     def hidden_states(self, idx, cache=None):
-        """idx (B, T) -> the final hidden states ln_f(x) (B, T, C), before the lm_head (heads share this)."""
-        B, T = idx.size()
+        """idx (B, T) -> the final hidden states ln_f(x) (B, T, C), before the lm_head (heads share this).
+        One sequence (T,) gives (T, C), as HF's GPT2Model does."""
+        ids = token_ids(idx, "idx")
+        if ids.dim() == 1:
+            ids = ids[None]  # (1, T)
+        B, T = ids.size()
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        pos = torch.arange(past, past + T, dtype=torch.long, device=ids.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += T
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        return x[0] if idx.dim() == 1 else x
 
     # ----- sampling -----
 
-    @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         eos_token_id=None, generator=None):
-        """Yield the next token (B, 1) for each step, decoding with a key/value cache.
+        """Yield the next token (B, 1) for each step, decoding with a key/value cache; (1,) for one sequence (T,).
 
         temperature 0 is greedy. A prompt longer than block_size keeps its last block_size tokens;
         when the context fills the window, it is re-encoded from its last block_size // 2 tokens
         (positions are absolute in GPT-2, so the cache cannot simply shift). Rows that emitted
-        eos_token_id keep emitting it; the stream stops when every row has.
+        eos_token_id keep emitting it; the stream stops when every row has. Bad arguments raise
+        ValueError here, at the call, not at the first next().
         """
+        ids = token_ids(idx, "idx")
+        if ids.size(-1) == 0:
+            raise ValueError("idx is an empty prompt: generation needs at least one token to start from")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        steps = self._decode(ids.reshape(-1, ids.size(-1)), max_new_tokens, temperature, top_k, top_p,
+                             eos_token_id, generator)
+        return (nxt[0] for nxt in steps) if ids.dim() == 1 else steps
+
+    @torch.no_grad()
+    def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator):
+        """generate_stream's loop over checked arguments: idx (B, T) int64; yields (B, 1)."""
         block = self.config.block_size
         ctx = idx[:, -block:]  # (B, T)
         cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -243,9 +277,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
-        """idx (B, T) -> (B, T + n): the prompt followed by up to max_new_tokens sampled tokens."""
+        """idx (B, T) -> (B, T + n) int64: the prompt followed by up to max_new_tokens sampled tokens.
+        One sequence (T,) gives (T + n,)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + new, dim=1)
+        return torch.cat([idx.long()] + new, dim=-1)
 
     # ----- Hugging Face interop -----
 
@@ -300,8 +335,29 @@ def configure_optimizers(module, weight_decay, learning_rate, betas=(0.9, 0.95),
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=device_type in ("cuda", "cpu"))
 
 
+def token_ids(ids, name):
+    """ids (B, T) or (T,) of any integer dtype -> int64, the index type of embeddings and gather."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a tensor of integer token ids, got {got}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"{name} must be (B, T) or one sequence (T,), got shape {tuple(ids.shape)}")
+    return ids.long()
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError for sampling settings that have no meaning (None turns top_k / top_p off)."""
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and not top_k >= 1:
+        raise ValueError(f"top_k must be >= 1 or None (off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy (argmax)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -318,8 +374,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 def config_from_hf(d):
     """A Hugging Face GPT2Config dict -> GPTConfig."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got a JSON {type(d).__name__}")
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"unsupported activation_function {d['activation_function']!r}")
+    for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if type(d[k]) is not int or d[k] < 1:
+            raise ValueError(f"{k} must be a positive integer, got {d[k]!r}")
+    if d["n_embd"] % d["n_head"]:
+        raise ValueError(f"n_embd {d['n_embd']} is not divisible by n_head {d['n_head']}")
     return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
                      n_head=d["n_head"], n_embd=d["n_embd"], bias=True)
 
@@ -363,8 +426,10 @@ def read_hf_dir(path):
     try:
         with open(cfg_path) as f:
             config = config_from_hf(json.load(f))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: not a GPT-2 config ({type(e).__name__}: {e})") from None
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: not a GPT-2 config (no {e})") from None
+    except ValueError as e:  # bad JSON (JSONDecodeError is a ValueError) or values config_from_hf refuses
+        raise ValueError(f"{cfg_path}: not a GPT-2 config ({e})") from None
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     try:
         if os.path.isfile(st):
@@ -445,9 +510,13 @@ def format_report(rows):
 
 
 def gpu_peak_flops(device_name):
-    """bf16 dense peak FLOP/s of a known GPU name, else None."""
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():  # 'H100 PCIe' is listed before 'H100'
-        if key in device_name:
+    """Dense bf16 peak FLOP/s of a GPU named as torch.cuda.get_device_name() names it, else None.
+
+    A model must stand whole in the name, followed by its end, '-' or a memory size ("NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 80GB HBM3"): so "H100 NVL", "RTX 3090 Ti", "A10G" or "GH200" never take another card's figure.
+    """
+    for model, flops in GPU_PEAK_BF16_FLOPS.items():
+        if re.search(rf"\b{re.escape(model)}($|-| \d+GB)", device_name, flags=re.IGNORECASE):
             return flops
     return None
 
