@@ -24,6 +24,16 @@ def resolve_device(device):
     return device
 
 
+def matmul_seconds(dtype, device):
+    """Seconds for three 256^3 matmuls in dtype on device (after one warm-up): pick_dtype's measurement."""
+    a = torch.randn(256, 256, device=device, dtype=dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return time.perf_counter() - t0
+
+
 def pick_dtype(dtype, device):
     """'auto' -> bfloat16 on CUDA; elsewhere whichever of bfloat16 and float32 multiplies faster here.
 
@@ -34,14 +44,8 @@ def pick_dtype(dtype, device):
         return dtype
     if device.startswith("cuda"):
         return "bfloat16"
-    def seconds(dt):
-        a = torch.randn(256, 256, device=device, dtype=dt)
-        a @ a
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        return time.perf_counter() - t0
-    return "bfloat16" if seconds(torch.bfloat16) < seconds(torch.float32) else "float32"
+    faster = matmul_seconds(torch.bfloat16, device) < matmul_seconds(torch.float32, device)
+    return "bfloat16" if faster else "float32"
 
 
 def make_autocast(dtype, device):

@@ -14,6 +14,7 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
     out = tmp_path / "bench.json"
     r = bench("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch", "2", "--seq_len", "32", "--steps", "1",
               "--new_tokens", "8", "--loader_batches", "2", "--docs", "50", "--repeats", "1", "--device", "cpu",
+              "--dtype", "float32",  # auto picks bfloat16 on AVX512-BF16 CPUs, float32 on AVX2 ones
               "--json", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())

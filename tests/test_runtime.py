@@ -1,5 +1,6 @@
 """runtime.py: device and dtype choice, and the rank helpers."""
 import pytest
+import torch
 
 import runtime
 from runtime import Dist
@@ -16,3 +17,26 @@ def test_rank0_first_runs_rank_0_before_the_others(monkeypatch, rank, world_size
     d = Dist(rank=rank, world_size=world_size)
     assert d.rank0_first(lambda: calls.append("prepare") or "path") == "path"
     assert calls == expected
+
+
+@pytest.mark.parametrize("cpu, seconds, expected", [
+    ("AVX2 only: bf16 emulated, ~200x slower", {torch.bfloat16: 0.2, torch.float32: 0.001}, "float32"),
+    ("AVX512-BF16 or AMX: bf16 ~4x faster", {torch.bfloat16: 0.001, torch.float32: 0.004}, "bfloat16"),
+])
+def test_pick_dtype_auto_on_cpu_takes_the_faster_matmul(monkeypatch, cpu, seconds, expected):
+    monkeypatch.setattr(runtime, "matmul_seconds", lambda dtype, device: seconds[dtype])
+    assert runtime.pick_dtype("auto", "cpu") == expected, cpu
+
+
+def test_pick_dtype_on_cuda_or_given_a_dtype_measures_nothing(monkeypatch):
+    def measure(dtype, device):
+        raise AssertionError(f"measured {dtype} on {device}")
+    monkeypatch.setattr(runtime, "matmul_seconds", measure)
+    assert runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1") == "bfloat16"
+    for dtype in ("float32", "bfloat16"):
+        for device in ("cpu", "cuda", "mps"):
+            assert runtime.pick_dtype(dtype, device) == dtype
+
+
+def test_matmul_seconds_times_a_real_matmul():
+    assert 0 < runtime.matmul_seconds(torch.float32, "cpu") < 10
