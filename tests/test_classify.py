@@ -157,6 +157,10 @@ def assert_one_error_line(capsys, args, message):
 
 def test_torchrun_and_bad_device_are_refused(monkeypatch, capsys):
     assert_one_error_line(capsys, ["--data", "x.csv", "--device", "gpu"], "--device: unknown device 'gpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "mps"):  # checked before the (missing) data is read
+        assert_one_error_line(capsys, ["--data", "x.csv", "--device", device], f"--device {device}: ")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's: every rank would train alone and write the same out_dir
     assert_one_error_line(capsys, ["--data", "x.csv"], "runs in one process; start it with python, not torchrun")

@@ -1,8 +1,11 @@
 """runtime.py: device and dtype choice, and the rank helpers."""
+import re
+
 import pytest
 import torch
 
 import runtime
+from cli import ConfigError
 from runtime import Dist
 
 
@@ -40,3 +43,34 @@ def test_pick_dtype_on_cuda_or_given_a_dtype_measures_nothing(monkeypatch):
 
 def test_matmul_seconds_times_a_real_matmul():
     assert 0 < runtime.matmul_seconds(torch.float32, "cpu") < 10
+
+
+def fake_machine(monkeypatch, cuda=0, mps=False):
+    """Pretend this machine has `cuda` CUDA devices and MPS or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda, mps, device, error", [
+    (0, False, "cuda", "--device cuda: no CUDA device here"),
+    (0, False, "cuda:0", "--device cuda:0: no CUDA device here"),
+    (2, False, "cuda:2", "--device cuda:2: this machine has 2 CUDA devices (cuda:0..cuda:1)"),
+    (1, False, "cuda:1", "--device cuda:1: this machine has 1 CUDA device (cuda:0..cuda:0)"),
+    (1, False, "mps", "--device mps: MPS is not available here"),
+    (0, True, "gpu", "--device: unknown device 'gpu'"),
+    (0, True, "cuda:x", "--device: unknown device 'cuda:x'"),
+])
+def test_resolve_device_refuses_a_device_this_machine_lacks(monkeypatch, cuda, mps, device, error):
+    fake_machine(monkeypatch, cuda, mps)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        runtime.resolve_device(device)
+
+
+@pytest.mark.parametrize("cuda, mps, device, expected", [
+    (0, False, "auto", "cpu"), (0, True, "auto", "mps"), (1, True, "auto", "cuda"),
+    (0, False, "cpu", "cpu"), (2, False, "cuda", "cuda"), (2, False, "cuda:1", "cuda:1"), (0, True, "mps", "mps"),
+])
+def test_resolve_device_takes_a_device_this_machine_has(monkeypatch, cuda, mps, device, expected):
+    fake_machine(monkeypatch, cuda, mps)
+    assert runtime.resolve_device(device) == expected
