@@ -41,9 +41,16 @@ def os_error_line(e):
 
 
 def run_main(fn):
-    """Call fn(); a ConfigError, DataError or OSError becomes 'error: ...' on stderr and exit code 2."""
+    """Call fn(); a ConfigError, DataError or OSError becomes 'error: ...' on stderr and exit code 2.
+
+    A reader that stops early (`python sample.py | head -1`) closes our stdout: we stop quietly with exit
+    code 1, as Python's docs advise, rather than print a BrokenPipeError. (Restoring SIGPIPE's default
+    would also kill us on a closed socket, e.g. while downloading weights.)"""
     try:
         return fn()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush writes nowhere
+        sys.exit(1)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
