@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
-from cli import OneLineParser, run_main
+from cli import ConfigError, OneLineParser, check_out_file, run_main
 from runtime import make_autocast, pick_dtype, resolve_device
 
 WHAT = ("train", "generate", "loader", "tokenize")
@@ -292,22 +292,39 @@ def parse_args(argv=None):
         if what not in WHAT:
             p.error(f"unknown benchmark {what!r}: expected any of {', '.join(WHAT)}")
     args.what = args.what or list(WHAT)
+    for name in ("n_layer", "n_head", "n_embd", "batch", "seq_len", "steps", "gen_batch", "prompt_len", "new_tokens",
+                 "loader_batches", "docs", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
+    if args.json:
+        check_out_file(args.json, "--json")
+    return args
+
+
+def with_shape(args, what, cuda):
+    """args with the model shape of this benchmark: the flags', else the device's default; ConfigError if unusable."""
+    shape = dict(n_layer=12, n_head=12, n_embd=768, batch=64, seq_len=1024) if cuda or what == "generate" else \
+        dict(n_layer=6, n_head=6, n_embd=384, batch=8, seq_len=256)
+    args = argparse.Namespace(**{**vars(args), **{k: v if getattr(args, k) is None else getattr(args, k)
+                                                  for k, v in shape.items()}})
+    if what in ("train", "generate") and args.n_embd % args.n_head:
+        raise ConfigError(f"--n_head {args.n_head} does not divide --n_embd {args.n_embd} ({what})")
+    if what == "generate" and args.prompt_len + args.new_tokens > 1024:  # HF's generate stops at n_positions
+        raise ConfigError(f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} is over 1024 positions")
     return args
 
 
 def run(args):
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
+    todo = {what: with_shape(args, what, cuda) for what in args.what}  # every flag checked before any benchmark
+    bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize}
     result = {}
-    for what in dict.fromkeys(args.what):
+    for what, run_args in todo.items():
         torch.manual_seed(0)
-        shape = dict(n_layer=12, n_head=12, n_embd=768, batch=64, seq_len=1024) if cuda or what == "generate" else \
-            dict(n_layer=6, n_head=6, n_embd=384, batch=8, seq_len=256)
-        run_args = argparse.Namespace(**{**vars(args), **{k: v if getattr(args, k) is None else getattr(args, k)
-                                                          for k, v in shape.items()}})
-        bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize}
         result[what] = bench[what](run_args, device, args.dtype)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
 

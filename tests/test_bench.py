@@ -3,6 +3,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+import bench as bench_py
 from conftest import ROOT
 
 
@@ -11,7 +14,7 @@ def bench(*args):
 
 
 def test_all_benchmarks_run_and_write_json(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "bench.json"  # its directory is made
     r = bench("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch", "2", "--seq_len", "32", "--steps", "1",
               "--new_tokens", "8", "--loader_batches", "2", "--docs", "50", "--repeats", "1", "--device", "cpu",
               "--dtype", "float32",  # auto picks bfloat16 on AVX512-BF16 CPUs, float32 on AVX2 ones
@@ -39,3 +42,22 @@ def test_unknown_benchmark_is_one_line_exit_2():
     r = bench("trian")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == \
         ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize"]
+
+
+@pytest.mark.parametrize("args, message", [
+    *[([flag, "0"], f"{flag}: must be positive, got 0") for flag in
+      ("--repeats", "--loader_batches", "--docs", "--new_tokens", "--prompt_len", "--steps", "--batch")],
+    (["train", "--n_head", "5"], "--n_head 5 does not divide --n_embd 384 (train)"),
+    (["generate", "--new_tokens", "1020"], "--prompt_len 16 + --new_tokens 1020 is over 1024 positions"),
+    (["--json", "{p}"], "--json {p}: is a directory, not a file"),
+    (["--json", "{p}/file/bench.json"], "--json {p}/file/bench.json: {p}/file is a file, not a directory"),
+])
+def test_bad_flags_are_one_line_before_any_benchmark(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    ran = []
+    for what in ("train", "generate", "loader", "tokenize"):
+        monkeypatch.setattr(bench_py, f"bench_{what}", lambda *a, what=what: ran.append(what))
+    with pytest.raises(SystemExit) as e:
+        bench_py.main([a.format(p=tmp_path) for a in args] + ["--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {message.format(p=tmp_path)}\n" and ran == []
