@@ -6,10 +6,11 @@ GPT2ForSequenceClassification, whose file format it loads and saves.
     python finetune_classify.py --out_dir out-classify --predict "What a wonderful film"
 
 Data: .csv (with a header row) or .jsonl, fields --text_field (text) and --label_field (label). Labels are
-integers 0..K-1 or class names (ids in sorted order, saved as id2label). A --val or --test not given is 10%
+integers 0..K-1, each used, or class names (ids in sorted order, saved as id2label). A --val or --test not given is 10%
 of --train (seeded). Texts are encoded with GPT-2's BPE and cut to --max_length tokens, keeping their start
 (a note says how many were cut); batches are right-padded with <|endoftext|> under an attention mask. After
 each epoch the model with the best val accuracy so far is written to out_dir; the test accuracy is that model's.
+An out_dir holding a previous classifier is overwritten; one holding a language model or its training run is refused.
 """
 import argparse
 import csv
