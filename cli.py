@@ -41,9 +41,16 @@ def os_error_line(e):
 
 
 def run_main(fn):
-    """Call fn(); a ConfigError, DataError or OSError becomes 'error: ...' on stderr and exit code 2."""
+    """Call fn(); a ConfigError, DataError or OSError becomes 'error: ...' on stderr and exit code 2.
+
+    A reader that stops early (`python sample.py | head -1`) closes our stdout: we stop quietly with exit
+    code 1, as Python's docs advise, rather than print a BrokenPipeError. (Restoring SIGPIPE's default
+    would also kill us on a closed socket, e.g. while downloading weights.)"""
     try:
         return fn()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush writes nowhere
+        sys.exit(1)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -59,21 +66,30 @@ def check_seed(seed, flag="--seed"):
     return seed
 
 
-def check_out_dir(path, flag="--out_dir"):
-    """A directory we can write into, or one we can create: not a file, not under a file, not read-only."""
+def dir_problem(path):
+    """Why we could not create or write into directory path (the nearest existing ancestor decides), or None."""
     probe = os.path.abspath(path)
-    while not os.path.exists(probe):  # the nearest existing ancestor decides
+    while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory")
+        return f"{probe} is a file, not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {probe} is not writable")
+        return f"{probe} is not writable"
+    return None
+
+
+def check_out_dir(path, flag="--out_dir"):
+    """A directory we can write into, or one we can create: not a file, not under a file, not read-only."""
+    if problem := dir_problem(path):
+        raise ConfigError(f"{flag} {path}: {problem}")
     return path
 
 
 def check_out_file(path, flag):
-    """An output file we can write: its directory must be writable (or creatable) and it must not be a directory."""
+    """An output file we can write: its directory must be writable (or creatable) and it must not be a directory.
+    The error names the file as given, not its directory."""
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a directory, not a file")
-    check_out_dir(os.path.dirname(path) or ".", flag)
+    if problem := dir_problem(os.path.dirname(path) or "."):
+        raise ConfigError(f"{flag} {path}: {problem}")
     return path

@@ -6,10 +6,11 @@ GPT2ForSequenceClassification, whose file format it loads and saves.
     python finetune_classify.py --out_dir out-classify --predict "What a wonderful film"
 
 Data: .csv (with a header row) or .jsonl, fields --text_field (text) and --label_field (label). Labels are
-integers 0..K-1 or class names (ids in sorted order, saved as id2label). A --val or --test not given is 10%
+integers 0..K-1, each used, or class names (ids in sorted order, saved as id2label). A --val or --test not given is 10%
 of --train (seeded). Texts are encoded with GPT-2's BPE and cut to --max_length tokens, keeping their start
 (a note says how many were cut); batches are right-padded with <|endoftext|> under an attention mask. After
 each epoch the model with the best val accuracy so far is written to out_dir; the test accuracy is that model's.
+An out_dir holding a previous classifier is overwritten; one holding a language model or its training run is refused.
 """
 import argparse
 import csv
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import MetricsLog, load_model, model_dir
-from cli import ConfigError, OneLineParser, run_main
+from cli import ConfigError, OneLineParser, check_out_dir, check_seed, run_main
 from data.fineweb import parse_json_line, text_field_of
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
@@ -133,7 +134,7 @@ def label_value(raw, where):
 
 
 def label_names(rows):
-    """Check that the labels are all integers (0..K-1) or all class names, and return the names:
+    """Check that the labels are all integers 0..K-1 (each one used) or all class names, and return the names:
     '0'..'K-1', or the class names sorted (their ids follow that order)."""
     values = [(label_value(raw, where), where) for _, raw, where in rows]
     first = values[0]
@@ -143,11 +144,48 @@ def label_names(rows):
                             f"{first[1]})")
         if isinstance(value, int) and value < 0:
             raise DataError(f"{where}: label {value} is negative; integer labels are 0..K-1")
-    names = [str(i) for i in range(max(v for v, _ in values) + 1)] if isinstance(first[0], int) \
-        else sorted({v for v, _ in values})
+    seen = sorted({v for v, _ in values})
+    for value, where in values:  # 0..K-1 exactly: one stray 100000 among 0/1 must not make a 100001-class head
+        if isinstance(value, int) and value >= len(seen):
+            shown = ", ".join(map(str, seen[:10])) + (", ..." if len(seen) > 10 else "")
+            raise DataError(f"{where}: label {value} leaves a gap; integer labels must be 0..K-1, "
+                            f"and the {len(seen)} labels seen are {shown}")
+    names = [str(v) for v in seen] if isinstance(first[0], int) else seen
     if len(names) < 2:
         raise DataError(f"{first[1].split(': line')[0]}: every label is {names[0]!r}; need at least two classes")
     return names
+
+
+def check_train_out_dir(path):
+    """--out_dir to train into: writable, and holding no model but a classifier (which is overwritten). A
+    language-model run there (a config.json of another architecture, ckpt_* dirs, a metrics.jsonl with
+    train_loss events but no val_acc) is refused: one out_dir holds one run, and never another kind of model."""
+    check_out_dir(path)
+    if not os.path.isdir(path):
+        return path
+    refuse = "; fine-tuning would overwrite it (pick another --out_dir)"
+    if os.path.isfile(config := os.path.join(path, "config.json")):
+        try:
+            with open(config) as f:
+                arch = json.load(f).get("architectures")
+        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+            arch = None
+        if arch != ["GPT2ForSequenceClassification"]:
+            raise ConfigError(f"--out_dir {path}: holds a model that is not a classifier ({config}: "
+                              f"architectures {arch}){refuse}")
+    if ckpts := sorted(n for n in os.listdir(path) if n.startswith("ckpt_")):
+        raise ConfigError(f"--out_dir {path}: holds a language-model training run ({ckpts[-1]}){refuse}")
+    if os.path.isfile(metrics := os.path.join(path, "metrics.jsonl")):
+        with open(metrics, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and "train_loss" in event and "val_acc" not in event:
+                    raise ConfigError(f"--out_dir {path}: holds a language-model training run ({metrics}: line {n} "
+                                      f"logs train_loss){refuse}")
+    return path
 
 
 def tokenize(enc, texts, max_length):
@@ -297,6 +335,9 @@ def parse_args(argv=None):
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
     if (args.predict is None and not (args.data or args.train)) or (args.data and args.train):
         raise ConfigError("give --data FILE or --train FILE [--val FILE] [--test FILE] (or --predict TEXT)")
+    check_seed(args.seed)
+    if args.predict is None:
+        check_train_out_dir(args.out_dir)
     args.init_from = args.init_from or (args.out_dir if args.predict is not None else "gpt2")
     return args
 

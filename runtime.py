@@ -17,12 +17,34 @@ from cli import ConfigError
 
 
 def resolve_device(device):
-    """--device: auto -> cuda, else mps, else cpu; otherwise one of cpu, cuda, cuda:N, mps."""
+    """--device: auto -> cuda, else mps, else cpu; otherwise one of cpu, cuda, cuda:N, mps, which must exist here
+    (checked now, so a typo'd or missing GPU fails before any data or model is loaded)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+    kind, _, index = device.partition(":")
+    if device not in ("cpu", "cuda", "mps") and not (kind == "cuda" and index.isdigit()):
         raise ConfigError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"--device {device}: no CUDA device here (torch {torch.__version__}); "
+                              "use --device auto or cpu")
+        if index and int(index) >= n:
+            raise ConfigError(f"--device {device}: this machine has {n} CUDA device{'s' * (n > 1)} "
+                              f"(cuda:0..cuda:{n - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available here; use --device auto or cpu")
     return device
+
+
+def matmul_seconds(dtype, device):
+    """Seconds for three 256^3 matmuls in dtype on device (after one warm-up): pick_dtype's measurement."""
+    a = torch.randn(256, 256, device=device, dtype=dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return time.perf_counter() - t0
 
 
 def pick_dtype(dtype, device):
@@ -35,14 +57,8 @@ def pick_dtype(dtype, device):
         return dtype
     if device.startswith("cuda"):
         return "bfloat16"
-    def seconds(dt):
-        a = torch.randn(256, 256, device=device, dtype=dt)
-        a @ a
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        return time.perf_counter() - t0
-    return "bfloat16" if seconds(torch.bfloat16) < seconds(torch.float32) else "float32"
+    faster = matmul_seconds(torch.bfloat16, device) < matmul_seconds(torch.float32, device)
+    return "bfloat16" if faster else "float32"
 
 
 def make_autocast(dtype, device):

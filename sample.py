@@ -9,12 +9,13 @@ with a key/value cache and stops early at <|endoftext|>.
 """
 import argparse
 import codecs
+import math
 import sys
 
 import torch
 
 from checkpoint import load_model
-from cli import ConfigError, OneLineParser, parse_bool, run_main
+from cli import ConfigError, OneLineParser, check_seed, parse_bool, run_main
 from data.tokenizer import EOT, get_encoding
 from runtime import pick_dtype, resolve_device
 
@@ -43,8 +44,13 @@ def parse_args(argv=None):
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
-    if args.temperature < 0 or args.top_k < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise ConfigError("--temperature and --top_k must not be negative, --top_p must be in (0, 1]")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan passes a `< 0` check
+        raise ConfigError(f"--temperature: must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top_k: must not be negative (0 disables), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p: must be in (0, 1], got {args.top_p}")
+    check_seed(args.seed)
     if args.dtype not in ("auto", "bfloat16", "float32"):
         raise ConfigError(f"--dtype: expected auto, bfloat16 or float32, got {args.dtype!r}")
     return args

@@ -3,7 +3,14 @@ import json
 import subprocess
 import sys
 
+import argparse
+
+import pytest
+import torch
+
+import bench as bench_py
 from conftest import ROOT
+from model import GPT, GPTConfig
 
 
 def bench(*args):
@@ -11,9 +18,10 @@ def bench(*args):
 
 
 def test_all_benchmarks_run_and_write_json(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "bench.json"  # its directory is made
     r = bench("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch", "2", "--seq_len", "32", "--steps", "1",
               "--new_tokens", "8", "--loader_batches", "2", "--docs", "50", "--repeats", "1", "--device", "cpu",
+              "--dtype", "float32",  # auto picks bfloat16 on AVX512-BF16 CPUs, float32 on AVX2 ones
               "--json", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
@@ -27,9 +35,11 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
     assert all(v >= 0 for v in train["peak_memory_bytes"].values())  # Linux: peak RSS over each row's step
     gen = result["generate"]
     assert set(gen["tokens_per_sec"]) == {"ours (KV cache)", "ours (recompute context)", "HF generate (cache)"}
+    assert gen["greedy_tokens_agree_float32"] == {"cache_vs_recompute": True, "cache_vs_hf": True}
     assert result["loader"]["tokens_per_sec"] > 0 and result["tokenize"]["documents"] == 50
     assert set(result["tokenize"]["ratios"]) == {"ours_vs_nanogpt", "ours_vs_pool_every_core"}
     for line in ("train: 1L/2H/32", "ours (as trained: compiled) / HF sdpa compiled", "cache / recompute",
+                 "greedy tokens in float32: cache == recompute: yes, cache == HF generate: yes",
                  "loader: ShardLoader B=64, T=1024", "ours / build-nanogpt"):
         assert line in r.stdout, r.stdout
 
@@ -38,3 +48,51 @@ def test_unknown_benchmark_is_one_line_exit_2():
     r = bench("trian")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == \
         ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize"]
+
+
+@pytest.mark.parametrize("args, message", [
+    *[([flag, "0"], f"{flag}: must be positive, got 0") for flag in
+      ("--repeats", "--loader_batches", "--docs", "--new_tokens", "--prompt_len", "--steps", "--batch")],
+    (["train", "--n_head", "5"], "--n_head 5 does not divide --n_embd 384 (train)"),
+    (["generate", "--new_tokens", "1020"], "--prompt_len 16 + --new_tokens 1020 is over 1024 positions"),
+    (["--json", "{p}"], "--json {p}: is a directory, not a file"),
+    (["--json", "{p}/file/bench.json"], "--json {p}/file/bench.json: {p}/file is a file, not a directory"),
+])
+def test_bad_flags_are_one_line_before_any_benchmark(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    ran = []
+    for what in ("train", "generate", "loader", "tokenize"):
+        monkeypatch.setattr(bench_py, f"bench_{what}", lambda *a, what=what: ran.append(what))
+    with pytest.raises(SystemExit) as e:
+        bench_py.main([a.format(p=tmp_path) for a in args] + ["--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {message.format(p=tmp_path)}\n" and ran == []
+
+
+def test_greedy_agreement_compares_ours_with_hf_even_at_endoftext():
+    ours = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # every hidden state becomes ln_f's bias, whose best match is <|endoftext|>'s embedding
+        ours.transformer.ln_f.weight.zero_()
+        ours.transformer.ln_f.bias.normal_()
+        ours.transformer.wte.weight[50256] = 10 * ours.transformer.ln_f.bias
+    hf, idx = bench_py.same_weights_hf(ours).eval(), torch.randint(0, 50256, (2, 5))
+    assert ours.generate(idx, 6, temperature=0)[:, 5:].eq(50256).all()  # HF must neither stop nor skip it
+    assert bench_py.greedy_agreement(ours, hf, idx, 6) == {"cache_vs_recompute": True, "cache_vs_hf": True}
+    with torch.no_grad():
+        hf.transformer.ln_f.bias.neg_()  # HF's weights differ now: its tokens must too
+    assert bench_py.greedy_agreement(ours, hf, idx, 6) == {"cache_vs_recompute": True, "cache_vs_hf": False}
+
+
+def test_generate_checks_in_float32_then_times_in_the_dtype_asked(monkeypatch, capsys):
+    dtypes, recompute = [], bench_py.greedy_recompute
+
+    def spy(model, idx, n):  # the dtype each call of the recompute row runs in
+        dtypes.append(next(model.parameters()).dtype)
+        return recompute(model, idx, n)
+    monkeypatch.setattr(bench_py, "greedy_recompute", spy)
+    args = argparse.Namespace(n_layer=1, n_head=2, n_embd=32, gen_batch=2, prompt_len=4, new_tokens=6, repeats=2)
+    result = bench_py.bench_generate(args, "cpu", "bfloat16")
+    assert dtypes == [torch.float32] + [torch.bfloat16] * 3  # the check; then warm-up and 2 timed rounds
+    assert result["config"]["dtype"] == "bfloat16" and all(v > 0 for v in result["tokens_per_sec"].values())
+    assert result["greedy_tokens_agree_float32"] == {"cache_vs_recompute": True, "cache_vs_hf": True}
+    assert "greedy tokens in float32: cache == recompute: yes, cache == HF generate: yes" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, make_hf
-from finetune_classify import GPTClassifier, main, read_rows, set_trainable
+from finetune_classify import GPTClassifier, check_train_out_dir, main, read_rows, set_trainable
 from model import GPT, GPTConfig
 
 KEYWORDS = {"food": "pizza", "sports": "football", "tech": "computer"}
@@ -157,6 +157,10 @@ def assert_one_error_line(capsys, args, message):
 
 def test_torchrun_and_bad_device_are_refused(monkeypatch, capsys):
     assert_one_error_line(capsys, ["--data", "x.csv", "--device", "gpu"], "--device: unknown device 'gpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "mps"):  # checked before the (missing) data is read
+        assert_one_error_line(capsys, ["--data", "x.csv", "--device", device], f"--device {device}: ")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's: every rank would train alone and write the same out_dir
     assert_one_error_line(capsys, ["--data", "x.csv"], "runs in one process; start it with python, not torchrun")
@@ -196,6 +200,24 @@ def test_head_only_leaves_the_transformer_unchanged_and_notes_truncation(tmp_pat
     assert not torch.equal(before.score.weight, after.score.weight)
 
 
+def lm_run(p, ckpt):
+    """A language-model training out_dir: its metrics.jsonl, with ckpt_* dirs or (crashed early) without."""
+    (p / "lm").mkdir()
+    events = [{"config": {}}, {"step": 0, "train_loss": 10.9}, {"step": 0, "val_loss": 11.0}]
+    write_jsonl(p / "lm" / "metrics.jsonl", events)
+    for step in (2, 4) if ckpt else ():
+        (p / "lm" / f"ckpt_{step:06d}").mkdir()
+    return str(p / "lm")
+
+
+def test_a_previous_classifier_out_dir_may_be_overwritten(tmp_path):
+    _, path = hf_classifier(tmp_path)
+    write_jsonl(tmp_path / "hf_cls" / "metrics.jsonl", [{"epoch": 1, "step": 3, "val_acc": 0.5, "val_loss": 0.7,
+                                                          "train_loss": 0.8}, {"step": 3, "test_acc": 0.5}])
+    for out_dir in (path, str(tmp_path / "new" / "out")):
+        assert check_train_out_dir(out_dir) == out_dir
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: ["--data", write_csv(p / "d.csv", [("a b", "x")] * 5, header=("text", "y"))],
      "d.csv: no column 'label' (columns: text, y; set --label_field)"),
@@ -223,6 +245,22 @@ def test_head_only_leaves_the_transformer_unchanged_and_notes_truncation(tmp_pat
     (lambda p: ["--data", write_csv(p / "d.csv", synthetic(5)), "--init_from", str(p)],
      "--init_from: {p} holds no model (config.json) and no complete checkpoint"),
     (lambda p: ["--init_from", make_hf(p, vocab_size=50257)[1], "--predict", "hi"], "has no classification head"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a", "label": y} for y in (0, 1, 0, 1, 100000, 1)])],
+     "d.jsonl: line 5: label 100000 leaves a gap; integer labels must be 0..K-1, "
+     "and the 3 labels seen are 0, 1, 100000"),
+    (lambda p: ["--data", write_jsonl(p / "d.jsonl", [{"text": "a", "label": y} for y in (0, 2, 0, 2)])],
+     "d.jsonl: line 2: label 2 leaves a gap; integer labels must be 0..K-1, and the 2 labels seen are 0, 2"),
+    (lambda p: ["--data", "x.csv", "--seed", "-1"], "--seed: must be in 0..4294967295, got -1"),
+    (lambda p: ["--data", "x.csv", "--seed", str(2**32)], "--seed: must be in 0..4294967295, got 4294967296"),
+    (lambda p: ["--data", "x.csv", "--out_dir", write_text(p / "f", "x") + "/out"],
+     "--out_dir {p}/f/out: {p}/f is a file, not a directory"),
+    (lambda p: ["--data", "x.csv", "--out_dir", make_hf(p, vocab_size=50257)[1]],
+     "--out_dir {p}/hf: holds a model that is not a classifier ({p}/hf/config.json: architectures "
+     "['GPT2LMHeadModel']); fine-tuning would overwrite it (pick another --out_dir)"),
+    (lambda p: ["--data", "x.csv", "--out_dir", lm_run(p, ckpt=True)],
+     "--out_dir {p}/lm: holds a language-model training run (ckpt_000004); fine-tuning would overwrite it"),
+    (lambda p: ["--data", "x.csv", "--out_dir", lm_run(p, ckpt=False)],
+     "--out_dir {p}/lm: holds a language-model training run ({p}/lm/metrics.jsonl: line 2 logs train_loss)"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, message):
     assert_one_error_line(capsys, make(tmp_path) + ["--device", "cpu"], message.format(p=tmp_path))

@@ -162,6 +162,16 @@ def test_cli_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
+def test_cli_refuses_a_missing_device_before_reading_anything(tmp_path, capsys, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:  # neither the jsonl nor the model exists: --device is checked first
+        hellaswag.main(["--jsonl", str(tmp_path / "missing.jsonl"), "--model", "gpt5", "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --device {device}: ") and err.count("\n") == 1, err
+
+
 def test_training_logs_hellaswag_and_checks_its_file_first(tmp_path, capsys, shakespeare_dir):
     common = TINY + ["--data_dir", shakespeare_dir, "--compile", "false", "--device", "cpu", "--max_steps", "3",
                      "--val_steps", "1", "--hellaswag_interval", "2", "--out_dir", str(tmp_path / "out")]

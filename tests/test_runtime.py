@@ -1,7 +1,11 @@
 """runtime.py: device and dtype choice, and the rank helpers."""
+import re
+
 import pytest
+import torch
 
 import runtime
+from cli import ConfigError
 from runtime import Dist
 
 
@@ -16,3 +20,57 @@ def test_rank0_first_runs_rank_0_before_the_others(monkeypatch, rank, world_size
     d = Dist(rank=rank, world_size=world_size)
     assert d.rank0_first(lambda: calls.append("prepare") or "path") == "path"
     assert calls == expected
+
+
+@pytest.mark.parametrize("cpu, seconds, expected", [
+    ("AVX2 only: bf16 emulated, ~200x slower", {torch.bfloat16: 0.2, torch.float32: 0.001}, "float32"),
+    ("AVX512-BF16 or AMX: bf16 ~4x faster", {torch.bfloat16: 0.001, torch.float32: 0.004}, "bfloat16"),
+])
+def test_pick_dtype_auto_on_cpu_takes_the_faster_matmul(monkeypatch, cpu, seconds, expected):
+    monkeypatch.setattr(runtime, "matmul_seconds", lambda dtype, device: seconds[dtype])
+    assert runtime.pick_dtype("auto", "cpu") == expected, cpu
+
+
+def test_pick_dtype_on_cuda_or_given_a_dtype_measures_nothing(monkeypatch):
+    def measure(dtype, device):
+        raise AssertionError(f"measured {dtype} on {device}")
+    monkeypatch.setattr(runtime, "matmul_seconds", measure)
+    assert runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1") == "bfloat16"
+    for dtype in ("float32", "bfloat16"):
+        for device in ("cpu", "cuda", "mps"):
+            assert runtime.pick_dtype(dtype, device) == dtype
+
+
+def test_matmul_seconds_times_a_real_matmul():
+    assert 0 < runtime.matmul_seconds(torch.float32, "cpu") < 10
+
+
+def fake_machine(monkeypatch, cuda=0, mps=False):
+    """Pretend this machine has `cuda` CUDA devices and MPS or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda, mps, device, error", [
+    (0, False, "cuda", "--device cuda: no CUDA device here"),
+    (0, False, "cuda:0", "--device cuda:0: no CUDA device here"),
+    (2, False, "cuda:2", "--device cuda:2: this machine has 2 CUDA devices (cuda:0..cuda:1)"),
+    (1, False, "cuda:1", "--device cuda:1: this machine has 1 CUDA device (cuda:0..cuda:0)"),
+    (1, False, "mps", "--device mps: MPS is not available here"),
+    (0, True, "gpu", "--device: unknown device 'gpu'"),
+    (0, True, "cuda:x", "--device: unknown device 'cuda:x'"),
+])
+def test_resolve_device_refuses_a_device_this_machine_lacks(monkeypatch, cuda, mps, device, error):
+    fake_machine(monkeypatch, cuda, mps)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        runtime.resolve_device(device)
+
+
+@pytest.mark.parametrize("cuda, mps, device, expected", [
+    (0, False, "auto", "cpu"), (0, True, "auto", "mps"), (1, True, "auto", "cuda"),
+    (0, False, "cpu", "cpu"), (2, False, "cuda", "cuda"), (2, False, "cuda:1", "cuda:1"), (0, True, "mps", "mps"),
+])
+def test_resolve_device_takes_a_device_this_machine_has(monkeypatch, cuda, mps, device, expected):
+    fake_machine(monkeypatch, cuda, mps)
+    assert runtime.resolve_device(device) == expected

@@ -5,12 +5,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from conftest import ROOT, make_hf
 from data.tokenizer import get_encoding
 from model import GPT
-from sample import stream
+from sample import main as sample_main, stream
 from checkpoint import model_dir as resolve
 
 
@@ -42,12 +43,47 @@ def test_resolve_prefers_the_final_model_then_the_newest_checkpoint(tmp_path):
 def test_cli_streams_seeded_samples(tmp_path):
     _, path = make_hf(tmp_path, vocab_size=50257)
     (tmp_path / "prompt.txt").write_text("Once upon a time")
-    cmd = [sys.executable, "sample.py", "--init_from", path, "--prompt_file", str(tmp_path / "prompt.txt"),
-           "--num_samples", "2", "--max_new_tokens", "12", "--seed", "7", "--device", "cpu"]
-    a = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    b = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout and a.stdout.count("--- sample") == 2 and a.stdout.count("Once upon a time") == 2
+
+    def sample(seed):  # pure sampling (no top-k), so every token depends on the seed
+        cmd = [sys.executable, "sample.py", "--init_from", path, "--prompt_file", str(tmp_path / "prompt.txt"),
+               "--num_samples", "2", "--max_new_tokens", "12", "--temperature", "1", "--top_k", "0",
+               "--seed", str(seed), "--device", "cpu", "--dtype", "float32"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    a, b, c = sample(7), sample(7), sample(8)
+    assert a.count("--- sample") == 2 and a.count("Once upon a time") == 2
+    assert a == b and a != c
+
+
+def test_cli_stops_quietly_when_the_reader_goes(tmp_path):
+    """`python sample.py | head -1`: no BrokenPipeError, nothing on stderr, exit code 1 (output cut short)."""
+    _, path = make_hf(tmp_path, vocab_size=50257)
+    p = subprocess.Popen([sys.executable, "sample.py", "--init_from", path, "--num_samples", "1000",
+                          "--max_new_tokens", "50", "--device", "cpu", "--dtype", "float32"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "--- sample 1\n"
+    p.stdout.close()  # as head does after its line; sample.py is still writing
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1 and err == "", err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "--temperature: must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--temperature", "inf"], "--temperature: must be a finite number >= 0 (0 is greedy), got inf"),
+    (["--temperature", "-1"], "--temperature: must be a finite number >= 0 (0 is greedy), got -1.0"),
+    (["--top_k", "-1"], "--top_k: must not be negative (0 disables), got -1"),
+    (["--top_p", "nan"], "--top_p: must be in (0, 1], got nan"),
+    (["--seed", "-1"], "--seed: must be in 0..4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed: must be in 0..4294967295, got 4294967296"),
+    (["--device", "cuda"], "--device cuda: no CUDA device here"),  # before --init_from is looked at
+])
+def test_bad_flags_are_one_line_before_loading(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--init_from", str(tmp_path / "missing"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):
