@@ -237,15 +237,6 @@ class MetricsLog:
                 f.write(json.dumps(event) + "\n")
 
 
-def agree(d, value):
-    """Rank 0's value on every rank: a decision (a checkpoint to resume, an error) that all ranks must share."""
-    if d.world_size > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
 def start_run(cfg, d):
     """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
 
@@ -259,7 +250,7 @@ def start_run(cfg, d):
             ckpt = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
         except ConfigError as e:
             problem = str(e)
-    problem, ckpt = agree(d, (problem, ckpt))
+    problem, ckpt = d.agree((problem, ckpt))
     if problem:
         raise ConfigError(problem)
     recorded = recorded_config(ckpt) if ckpt else {}

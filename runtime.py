@@ -93,6 +93,23 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
+    def agree(self, value):
+        """Rank 0's value on every rank: a decision all ranks must share (a checkpoint to resume, an error)."""
+        if self.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def first(self, value):
+        """The first value that is not None over the ranks, on every rank: each rank checks its share of
+        something, and all of them stop together if any found a problem."""
+        values = [value]
+        if self.world_size > 1:
+            values = [None] * self.world_size
+            dist.all_gather_object(values, value)
+        return next((v for v in values if v is not None), None)
+
     def rank0_first(self, fn):
         """fn() on rank 0, then on the other ranks once it is done: rank 0 downloads or prepares a file,
         the others wait at a barrier and then find it ready."""
@@ -108,7 +125,7 @@ def setup_dist(device):
         return Dist(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+        device = resolve_device(f"cuda:{local_rank}")  # one line if torchrun starts more ranks than GPUs
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, device)

@@ -253,11 +253,9 @@ def train(cfg):
         raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
                           f"(--hellaswag_interval 0 turns it off)")
     for paths in (train_paths, val_paths):  # each rank scans its share of the shards; all ranks share the verdict
-        problems = [None] * W
-        mine = shard_problem(paths, min(vocab, REAL_VOCAB), min_tokens=B * T * W + 1, rank=d.rank, world_size=W)
-        dist.all_gather_object(problems, mine) if W > 1 else problems.__setitem__(0, mine)
-        if any(problems):
-            raise DataError(next(p for p in problems if p))
+        problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W, min_tokens=B * T * W + 1))
+        if problem:
+            raise DataError(problem)
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 

@@ -74,3 +74,14 @@ def test_resolve_device_refuses_a_device_this_machine_lacks(monkeypatch, cuda, m
 def test_resolve_device_takes_a_device_this_machine_has(monkeypatch, cuda, mps, device, expected):
     fake_machine(monkeypatch, cuda, mps)
     assert runtime.resolve_device(device) == expected
+
+
+def test_first_and_agree_share_one_verdict_across_ranks(monkeypatch):
+    """Each rank checks its share (first) or rank 0 decides (agree); every rank gets the same answer."""
+    def all_gather_object(out, value):  # rank 1 of 2, whose peer (rank 0) found nothing
+        out[:] = [None, value]
+    monkeypatch.setattr(runtime.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(runtime.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "rank 0's"))
+    d = Dist(rank=1, world_size=2)
+    assert d.first("bad shard") == "bad shard" and d.first(None) is None
+    assert d.agree("mine") == "rank 0's" and Dist().agree("mine") == "mine" and Dist().first(None) is None

@@ -1,6 +1,5 @@
 """sample.py: streaming output equals generate, model resolution, flags and errors."""
 import io
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
