@@ -134,8 +134,8 @@ def setup_dist(device):
 def check_compile(device):
     """Compile and run a tiny function now, in a fresh inductor cache so that nothing cached hides a missing
     compiler: where torch.compile cannot work (no C++ compiler for inductor on CPU, no Triton on CUDA, some
-    Windows and Mac setups) the run stops here in one line, before data and model load, instead of deep
-    inside torch at the first step. (A silent fall back to eager would run a different, slower recipe.)"""
+    Windows and Mac setups) the run stops here in one line, before its first step, instead of deep inside
+    torch. (A silent fall back to eager would run a different, slower recipe.)"""
     from torch._inductor.utils import fresh_inductor_cache
     logging.getLogger("torch._inductor.utils").setLevel(logging.ERROR)  # not "temporary cache dir kept at ..."
     try:

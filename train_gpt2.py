@@ -223,11 +223,6 @@ def hellaswag_eval(model, items, cfg, d, autocast):
 def train(cfg):
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
-    lock, ckpt = start_run(cfg, d)
-    if cfg.compile:
-        check_compile(d.device)
-    graphs_before = compiled_graphs()  # the check's own graph is not the model's
-    cfg.dtype = pick_dtype(cfg.dtype, d.device)
     device_type = "cuda" if d.device.startswith("cuda") else d.device
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -256,6 +251,11 @@ def train(cfg):
         problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W, min_tokens=B * T * W + 1))
         if problem:
             raise DataError(problem)
+    lock, ckpt = start_run(cfg, d)  # nothing is written before every input has been checked
+    if cfg.compile:
+        check_compile(d.device)
+    graphs_before = compiled_graphs()  # the check's own graph is not the model's
+    cfg.dtype = pick_dtype(cfg.dtype, d.device)
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 
