@@ -15,6 +15,6 @@ import model  # noqa: E402
 import train_gpt2  # noqa: E402
 
 if __name__ == "__main__":
-    model.LOGITS_CHUNK = int(os.environ.get("LOGITS_CHUNK", 2**16))  # 256 rows x 50304 -> 4 chunks at B=4, T=64
+    model.LOGITS_CHUNK = 2**21  # B=4 x T=32 rows x 50304 logits -> 4 chunks
     train_gpt2.DDP = functools.partial(train_gpt2.DDP, bucket_cap_mb=1)  # wte, then the blocks: several buckets
     train_gpt2.main()
