@@ -320,6 +320,9 @@ def train(cfg):
         model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB))
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
     if W > 1:
+        # DDP holds the group: free it, so that destroy_process_group drops the last reference and joins gloo's
+        # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).
+        del ddp_model
         dist.destroy_process_group()
 
 
