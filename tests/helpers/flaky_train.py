@@ -33,11 +33,11 @@ def gloo_threads():
 def main():
     marker, crash_step = os.environ.get("FLAKY_MARKER"), int(os.environ.get("FLAKY_STEP", "-1"))
     real_get_lr = train_gpt2.get_lr
-    training = []  # gloo's threads at the first step
+    during = []  # gloo's threads at the first step
 
     def get_lr(step, cfg):
-        if not training:
-            training.append(gloo_threads())
+        if not during:
+            during.extend(gloo_threads() or [])
         if step == crash_step and os.environ.get("RANK") == "1" and marker and not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(f"rank 1 died at step {step}\n")
@@ -46,9 +46,10 @@ def main():
 
     train_gpt2.get_lr = get_lr
     train_gpt2.main()
-    during, after = training[0], gloo_threads()
-    print(f"rank {os.environ.get('RANK')}: " + (f"{len(during)} gloo threads while training, {len(after)} after main()"
-          if after is not None else "gloo threads unknown"), flush=True)
+    after = gloo_threads()
+    if after is not None:  # one os.write: the ranks share a pipe, and python -u writes print's newline apart
+        line = f"rank {os.environ.get('RANK')}: {len(during)} gloo threads while training, {len(after)} after main()\n"
+        os.write(1, line.encode())
 
 
 if __name__ == "__main__":
