@@ -3,8 +3,8 @@
 With FLAKY_MARKER (a file path) and FLAKY_STEP (an int) in the environment, rank 1 calls os._exit(1)
 when the train loop asks for step FLAKY_STEP's learning rate (its gradients are already all-reduced,
 so rank 0 logs that step before noticing), creating FLAKY_MARKER first so that the attempt torchrun
-restarts runs through. Without them this is train_gpt2.py unchanged, except that each rank prints
-the gloo threads it had while training and those still alive after main() returns (Linux only): a
+restarts runs through. Without them this is train_gpt2.py unchanged, except that each rank prints how many
+gloo threads it had while training and how many are still alive after main() returns (Linux only): a
 gloo thread that outlives main() can abort the rank at interpreter exit (SIGABRT), failing the run.
 """
 import os
