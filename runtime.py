@@ -127,6 +127,9 @@ def setup_dist(device):
     if device.startswith("cuda"):
         device = resolve_device(f"cuda:{local_rank}")  # one line if torchrun starts more ranks than GPUs
         torch.cuda.set_device(device)
+    # torch.distributed.nn (DDP imports it) binds the default group into function defaults when first
+    # imported, which would keep the group and gloo's threads alive past destroy_process_group: import it first
+    import torch.distributed.nn  # noqa: F401
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, device)
 

@@ -349,6 +349,9 @@ def train(cfg):
     if cfg.compile:
         d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
     if W > 1:
+        # DDP holds the group: free it, so that destroy_process_group drops the last reference and joins gloo's
+        # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).
+        del ddp_model
         dist.destroy_process_group()
 
 

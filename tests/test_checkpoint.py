@@ -9,6 +9,7 @@ and loader states really have to come back.
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -274,11 +275,18 @@ def test_torchrun_restart_resumes_exactly(tmp_path, syn_dir):
     ref, flaky = str(tmp_path / "ref"), str(tmp_path / "flaky")
     marker = str(tmp_path / "crashed")
     r_ref, r_flaky = finish(
-        start(common + ["--out_dir", ref], torchrun=2),
+        start(common + ["--out_dir", ref], script=os.path.join(HELPERS, "flaky_train.py"), torchrun=2),  # no crash
         start(common + ["--out_dir", flaky], script=os.path.join(HELPERS, "flaky_train.py"), torchrun=2, max_restarts=1,
               # torchrun shares its rendezvous TCPStore with the workers by default, and on a restart
               # gloo's init then reads the previous attempt's addresses and fails or hangs (pytorch#135712)
               env={"FLAKY_MARKER": marker, "FLAKY_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
+    # every rank of the last attempt ends with gloo's threads stopped: one still running at interpreter exit
+    # can abort the rank with SIGABRT ("terminate called without an active exception"), failing the run
+    if os.path.isdir("/proc/self/task"):
+        for r in (r_ref, r_flaky):
+            report = sorted(re.findall(r"rank (\d): (\d+) gloo threads while training, (\d+) after main", r.stdout))
+            assert [rank for rank, _, _ in report] == ["0", "1"], r.stdout[-3000:]
+            assert all(int(during) > 0 and after == "0" for _, during, after in report), report
     ok(r_ref), ok(r_flaky)
     assert os.path.exists(marker), "rank 1 never crashed"
     assert "resumed from" not in r_ref.stdout
