@@ -418,3 +418,54 @@ def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
         "python train_gpt2.py --preset shakespeare --max_lr=1e-3 --out_dir out --resume auto"
     assert resume_command(["--resume=auto", "--out_dir", "my run"], "my run") == \
         "python train_gpt2.py --out_dir 'my run' --resume auto"
+
+
+# ----- numerics: compiled == eager, K micro steps == one K-times-larger batch, DDP == one process, RNG restore -----
+
+@pytest.fixture
+def py_np_rngs():
+    """Tests below set python's and numpy's global RNGs (conftest restores torch's only): put them back."""
+    import random
+    import numpy as np
+    py, npy = random.getstate(), np.random.get_state()
+    yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_dir, py_np_rngs):
+    """A resumed run continues python's `random` and numpy's global RNG where the checkpoint left them (the
+    trainer seeds both from --seed, so anything drawing from them must be reproducible across a resume).
+    The draws after load_checkpoint must equal the draws that followed save_checkpoint, and must not be what
+    the scrambled state would have given."""
+    import random
+    import numpy as np
+    from checkpoint import load_checkpoint, save_checkpoint
+    from data.shards import ShardLoader, shard_paths
+    from model import configure_optimizers
+    from runtime import Dist
+    from train_gpt2 import build_model
+    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1))
+    os.makedirs(cfg.out_dir)
+    model = build_model(cfg)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
+    loader = ShardLoader(shard_paths(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len)
+
+    def draws():
+        return [random.random() for _ in range(5)], np.random.rand(5).tolist(), torch.rand(5).tolist()
+    random.seed(11)
+    np.random.seed(22)
+    torch.manual_seed(33)
+    draws()  # states part-way through a stream, not fresh seeds
+    save_checkpoint(cfg, 1, model, optimizer, loader, Dist())
+    expected = draws()
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    scrambled = draws()
+    assert all(a != b for a, b in zip(scrambled, expected))  # so the comparison below can tell them apart
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    assert load_checkpoint(os.path.join(cfg.out_dir, "ckpt_000001"), model, optimizer, loader, Dist()) == 1
+    assert draws() == expected  # exact: the same generator state gives bit-identical draws
