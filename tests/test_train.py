@@ -469,3 +469,87 @@ def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_di
     torch.manual_seed(99)
     assert load_checkpoint(os.path.join(cfg.out_dir, "ckpt_000001"), model, optimizer, loader, Dist()) == 1
     assert draws() == expected  # exact: the same generator state gives bit-identical draws
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||: the error relative to the tensor's size, not blown up by entries near zero."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def train_capturing_grads(args, capsys, monkeypatch):
+    """train_gpt2.main(args) in this process, as it runs. Returns (the model's weights before step 0, the
+    gradients AdamW consumed at each step (after clipping) by parameter name, stdout). Only configure_optimizers
+    is wrapped, to watch optimizer.step(); the loop itself is not copied."""
+    import model as model_module
+    import train_gpt2
+    init, grads, real_configure = {}, [], model_module.configure_optimizers  # the original, not an earlier wrap
+
+    def configure(model, *a, **kw):
+        opt = real_configure(model, *a, **kw)
+        real_step = opt.step
+
+        def step(*sa, **skw):
+            if not init:
+                init.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            return real_step(*sa, **skw)
+        opt.step = step
+        return opt
+    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
+    code, out, err = train_main(args, capsys)
+    assert code == 0, err
+    return init, grads, out
+
+
+def test_grad_accumulation_equals_one_larger_batch(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """K micro steps of B sequences == one step of K*B sequences: the loop divides each micro loss by
+    grad_accum, so the summed gradient is the gradient of the mean loss over the whole batch. AdamW hides a
+    constant gradient scale (its update is m / sqrt(v)), so the losses after a few steps would not notice a
+    wrong scale: the gradients themselves and the pre-clip norm are compared, against a second run and against
+    the gradient of model(x, y) on the same 8 sequences, computed directly here.
+
+    batch_size 2 at total_batch_size 256 (T=64) is 2 micro steps; batch_size 4 is 1. The loader reads one
+    stream, so two batches of 2 are exactly the first batch of 4. Val: 2 batches of 2 == 1 batch of 4."""
+    from data.shards import ShardLoader, shard_paths
+    from model import GPTConfig
+    steps = 2
+    runs = {}
+    for B, val_steps, accum in ((2, 2, 2), (4, 1, 1)):
+        out = tmp_path / f"b{B}"
+        args = tiny(shakespeare_dir, out, "--max_steps", steps, "--total_batch_size", 256, "--batch_size", B,
+                    "--val_steps", val_steps)
+        init, grads, text = train_capturing_grads(args, capsys, monkeypatch)
+        assert f"grad accum {accum} |" in text and len(grads) == steps
+        runs[B] = (init, grads, out)
+    (init2, g2, out2), (init4, g4, out4) = runs[2], runs[4]
+    assert all(torch.equal(init2[k], init4[k]) for k in init4)  # same seed, same initial weights
+
+    # Float32 rounding only: the two runs add the same per-token terms in a different order (two half-batch
+    # sums vs one), which moves a result by ~1e-7 relative (observed here: loss 9e-8, norm 0, gradients 4e-7
+    # to 1.4e-6 relative over 3 steps). 1e-5 leaves 10x for other CPUs' kernels; a scale error is O(1).
+    for key in ("train_loss", "norm", "val_loss"):
+        a, b = metrics(out2, key), metrics(out4, key)
+        assert [s for s, _ in a] == [s for s, _ in b] and a, (key, a, b)
+        for (_, x), (_, y) in zip(a, b):
+            assert x == pytest.approx(y, rel=1e-5), (key, a, b)
+    for step, (a, b) in enumerate(zip(g2, g4)):
+        for name in b:
+            assert rel_err(a[name], b[name]) < 1e-5, (step, name, rel_err(a[name], b[name]))
+
+    # Step 0 against the gradient computed here: model(x, y) on the first 4 sequences, then clipped as the
+    # trainer's --grad_clip 1.0 clips it (the logged norm is the pre-clip one).
+    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "unused"))
+    ref = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, n_embd=cfg.n_embd))
+    ref.load_state_dict(init4)
+    x, y = ShardLoader(shard_paths(shakespeare_dir, "train"), 4, cfg.seq_len).next_batch()
+    _, loss = ref(x, y)
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref_norm = torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()
+    assert metrics(out2, "train_loss")[0][1] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics(out2, "norm")[0][1] == pytest.approx(ref_norm, rel=1e-5)
+    assert ref_norm > cfg.grad_clip  # so clipping is really exercised at step 0
+    scale = cfg.grad_clip / ref_norm
+    for name, g in ref_grads.items():
+        assert rel_err(g2[0][name], g * scale) < 1e-5, (name, rel_err(g2[0][name], g * scale))
