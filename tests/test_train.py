@@ -558,10 +558,10 @@ def test_grad_accumulation_equals_one_larger_batch(tmp_path, shakespeare_dir, ca
 def test_inductor_compiled_training_matches_eager(monkeypatch):
     """torch.compile (the default inductor backend, as the trainer calls it: dynamic=False) trains as eager
     does: three steps of forward, backward, clip and fused AdamW on two copies of one tiny GPT (one block:
-    compiling a second adds time, not kernels), float32, with the loss forced into 2 chunks (GPT-2 124M: 13). Each step compares the loss, every gradient and the
-    pre-clip norm; the weights then drift apart only by what each step's rounding adds. test_model's
-    compile test uses aot_eager, which runs no inductor code; test_eval_and_sampling_work_under_compile
-    only checks that a compiled run finishes."""
+    a second adds compile time, not kinds of kernels), float32, the loss forced into 2 chunks (GPT-2 124M's
+    has 13). Each step compares the loss, the pre-clip norm and every gradient; the weights then drift apart
+    only by what each step's rounding adds. test_model's compile test uses aot_eager, which runs no inductor
+    code, and test_eval_and_sampling_work_under_compile only checks that a compiled run finishes."""
     import copy
     import model as model_module
     from model import GPTConfig, configure_optimizers
@@ -571,7 +571,8 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
     twin = copy.deepcopy(eager)
     graphs = compiled_graphs()
     compiled = torch.compile(twin, dynamic=False)
-    runs = [(eager, eager, configure_optimizers(eager, 0.1, 1e-2)), (twin, compiled, configure_optimizers(twin, 0.1, 1e-2))]
+    runs = [(eager, eager, configure_optimizers(eager, 0.1, 1e-2)),
+            (twin, compiled, configure_optimizers(twin, 0.1, 1e-2))]
     data = torch.randint(0, 256, (3, 2, 33))
     for step, batch in enumerate(data):
         results = []
