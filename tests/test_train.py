@@ -125,23 +125,35 @@ def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
-    """Same global batch: 1 process x 2 micro steps == 2 gloo ranks x 1 micro step."""
+    """Same global batch of 8 sequences: 1 process x 4 micro steps of 2 == 2 gloo ranks x 2 micro steps of 2
+    (grad accum = 512 / (2 * 64 * world)). Train loss, the pre-clip grad norm (which AdamW would hide a wrong
+    gradient scale behind, e.g. averaging over ranks twice) and val loss all match. Each rank evaluates
+    --val_steps batches of its own (the ranks take turns reading one stream) and the logged val loss is
+    their mean, so 2 ranks x 4 val batches == 1 process x 8."""
     common = TINY + ["--data_dir", shakespeare_dir, "--max_steps", "6", "--eval_interval", "3",
                      "--compile", "false", "--device", "cpu", "--batch_size", "2",
                      "--hellaswag_interval", "3", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
-    single = run(common + ["--out_dir", str(tmp_path / "one")], timeout=300)
+    single = run(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "8"], timeout=300)
     assert single.returncode == 0, single.stderr
+    assert "grad accum 4 |" in single.stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two")],
+                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two"), "--val_steps", "4"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = metrics(tmp_path / "one", "train_loss"), metrics(tmp_path / "two", "train_loss")
-    assert [s for s, _ in one] == [s for s, _ in two] == list(range(6))
-    for (_, a), (_, b) in zip(one, two):
-        assert a == pytest.approx(b, rel=1e-5), (one, two)
-    # each rank evaluates its own val batches; the logged loss is their mean (rank 0 alone writes)
-    assert [s for s, _ in metrics(tmp_path / "two", "val_loss")] == [0, 3, 5]
+    assert "grad accum 2 |" in ddp.stdout
+    # Float32 rounding only: the 8 sequences' gradients are summed in another order (gloo adds the ranks'
+    # halves), a few ulps (observed: train loss 9e-8, norm 6e-8 relative over 6 steps, val loss identical).
+    # rel=1e-5 leaves 100x; a wrong reduction (a rank's half missing, a double average) is O(1e-2) or more.
+    for key in ("train_loss", "norm"):
+        one, two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
+        assert [s for s, _ in one] == [s for s, _ in two] == list(range(6)), key
+        for (_, a), (_, b) in zip(one, two):
+            assert a == pytest.approx(b, rel=1e-5), (key, one, two)
+    val_one, val_two = metrics(tmp_path / "one", "val_loss"), metrics(tmp_path / "two", "val_loss")
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [0, 3, 5]
+    for (_, a), (_, b) in zip(val_one, val_two):
+        assert a == pytest.approx(b, rel=1e-5), (val_one, val_two)
     # HellaSwag: rank r scores examples r, r + 2, ...; the summed counts equal one process's
     for key in ("hellaswag_acc", "hellaswag_acc_norm"):
         hs_one, hs_two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
