@@ -581,7 +581,8 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
     monkeypatch.setattr(model_module, "LOGITS_CHUNK", 2**13)  # 64 rows x 256 vocab = 2 chunks
     eager = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     twin = copy.deepcopy(eager)
-    graphs = compiled_graphs()
+    from torch._dynamo.utils import counters
+    graphs, inductor_events = compiled_graphs(), sum(counters["inductor"].values())
     compiled = torch.compile(twin, dynamic=False)
     runs = [(eager, eager, configure_optimizers(eager, 0.1, 1e-2)),
             (twin, compiled, configure_optimizers(twin, 0.1, 1e-2))]
@@ -605,3 +606,4 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
         for name, g in grads_e.items():
             assert rel_err(grads_c[name], g) < 2e-5, (step, name, rel_err(grads_c[name], g))
     assert compiled_graphs() - graphs == 1  # the compiled path really ran: one graph, no break, no recompile
+    assert sum(counters["inductor"].values()) > inductor_events  # and inductor built it (aot_eager counts nothing)
