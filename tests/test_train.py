@@ -125,23 +125,35 @@ def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
-    """Same global batch: 1 process x 2 micro steps == 2 gloo ranks x 1 micro step."""
+    """Same global batch of 8 sequences: 1 process x 4 micro steps of 2 == 2 gloo ranks x 2 micro steps of 2
+    (grad accum = 512 / (2 * 64 * world)). Train loss, the pre-clip grad norm (which AdamW would hide a wrong
+    gradient scale behind, e.g. averaging over ranks twice) and val loss all match. Each rank evaluates
+    --val_steps batches of its own (the ranks take turns reading one stream) and the logged val loss is
+    their mean, so 2 ranks x 4 val batches == 1 process x 8."""
     common = TINY + ["--data_dir", shakespeare_dir, "--max_steps", "6", "--eval_interval", "3",
                      "--compile", "false", "--device", "cpu", "--batch_size", "2",
                      "--hellaswag_interval", "3", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
-    single = run(common + ["--out_dir", str(tmp_path / "one")], timeout=300)
+    single = run(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "8"], timeout=300)
     assert single.returncode == 0, single.stderr
+    assert "grad accum 4 |" in single.stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two")],
+                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two"), "--val_steps", "4"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = metrics(tmp_path / "one", "train_loss"), metrics(tmp_path / "two", "train_loss")
-    assert [s for s, _ in one] == [s for s, _ in two] == list(range(6))
-    for (_, a), (_, b) in zip(one, two):
-        assert a == pytest.approx(b, rel=1e-5), (one, two)
-    # each rank evaluates its own val batches; the logged loss is their mean (rank 0 alone writes)
-    assert [s for s, _ in metrics(tmp_path / "two", "val_loss")] == [0, 3, 5]
+    assert "grad accum 2 |" in ddp.stdout
+    # Float32 rounding only: the 8 sequences' gradients are summed in another order (gloo adds the ranks'
+    # halves), a few ulps (observed: train loss 9e-8, norm 6e-8 relative over 6 steps, val loss identical).
+    # rel=1e-5 leaves 100x; a wrong reduction (a rank's half missing, a double average) is O(1e-2) or more.
+    for key in ("train_loss", "norm"):
+        one, two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
+        assert [s for s, _ in one] == [s for s, _ in two] == list(range(6)), key
+        for (_, a), (_, b) in zip(one, two):
+            assert a == pytest.approx(b, rel=1e-5), (key, one, two)
+    val_one, val_two = metrics(tmp_path / "one", "val_loss"), metrics(tmp_path / "two", "val_loss")
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [0, 3, 5]
+    for (_, a), (_, b) in zip(val_one, val_two):
+        assert a == pytest.approx(b, rel=1e-5), (val_one, val_two)
     # HellaSwag: rank r scores examples r, r + 2, ...; the summed counts equal one process's
     for key in ("hellaswag_acc", "hellaswag_acc_norm"):
         hs_one, hs_two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
@@ -429,3 +441,180 @@ def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
         "python train_gpt2.py --preset shakespeare --max_lr=1e-3 --out_dir out --resume auto"
     assert resume_command(["--resume=auto", "--out_dir", "my run"], "my run") == \
         "python train_gpt2.py --out_dir 'my run' --resume auto"
+
+
+# ----- numerics: compiled == eager, K micro steps == one K-times-larger batch, DDP == one process, RNG restore -----
+
+@pytest.fixture
+def py_np_rngs():
+    """Tests below set python's and numpy's global RNGs (conftest restores torch's only): put them back."""
+    import random
+    import numpy as np
+    py, npy = random.getstate(), np.random.get_state()
+    yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_dir, py_np_rngs):
+    """A resumed run continues python's `random` and numpy's global RNG where the checkpoint left them (the
+    trainer seeds both from --seed, so anything drawing from them must be reproducible across a resume).
+    The draws after load_checkpoint must equal the draws that followed save_checkpoint, and must not be what
+    the scrambled state would have given."""
+    import random
+    import numpy as np
+    from checkpoint import load_checkpoint, save_checkpoint
+    from data.shards import ShardLoader, shard_paths
+    from model import configure_optimizers
+    from runtime import Dist
+    from train_gpt2 import build_model
+    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1))
+    os.makedirs(cfg.out_dir)
+    model = build_model(cfg)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
+    loader = ShardLoader(shard_paths(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len)
+
+    def draws():
+        return [random.random() for _ in range(5)], np.random.rand(5).tolist(), torch.rand(5).tolist()
+    random.seed(11)
+    np.random.seed(22)
+    torch.manual_seed(33)
+    draws()  # states part-way through a stream, not fresh seeds
+    save_checkpoint(cfg, 1, model, optimizer, loader, Dist())
+    expected = draws()
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    scrambled = draws()
+    assert all(a != b for a, b in zip(scrambled, expected))  # so the comparison below can tell them apart
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    assert load_checkpoint(os.path.join(cfg.out_dir, "ckpt_000001"), model, optimizer, loader, Dist()) == 1
+    assert draws() == expected  # exact: the same generator state gives bit-identical draws
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||: the error relative to the tensor's size, not blown up by entries near zero."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def train_capturing_grads(args, capsys, monkeypatch):
+    """train_gpt2.main(args) in this process, as it runs. Returns (the model's weights before step 0, the
+    gradients AdamW consumed at each step (after clipping) by parameter name, stdout). Only configure_optimizers
+    is wrapped, to watch optimizer.step(); the loop itself is not copied."""
+    import model as model_module
+    import train_gpt2
+    init, grads, real_configure = {}, [], model_module.configure_optimizers  # the original, not an earlier wrap
+
+    def configure(model, *a, **kw):
+        opt = real_configure(model, *a, **kw)
+        real_step = opt.step
+
+        def step(*sa, **skw):
+            if not init:
+                init.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            return real_step(*sa, **skw)
+        opt.step = step
+        return opt
+    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
+    code, out, err = train_main(args, capsys)
+    assert code == 0, err
+    return init, grads, out
+
+
+def test_grad_accumulation_equals_one_larger_batch(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """K micro steps of B sequences == one step of K*B sequences: the loop divides each micro loss by
+    grad_accum, so the summed gradient is the gradient of the mean loss over the whole batch. AdamW hides a
+    constant gradient scale (its update is m / sqrt(v)), so the losses after a few steps would not notice a
+    wrong scale: the gradients themselves and the pre-clip norm are compared, against a second run and against
+    the gradient of model(x, y) on the same 8 sequences, computed directly here.
+
+    batch_size 2 at total_batch_size 256 (T=64) is 2 micro steps; batch_size 4 is 1. The loader reads one
+    stream, so two batches of 2 are exactly the first batch of 4. Val: 2 batches of 2 == 1 batch of 4."""
+    from data.shards import ShardLoader, shard_paths
+    from model import GPTConfig
+    steps = 2
+    runs = {}
+    for B, val_steps, accum in ((2, 2, 2), (4, 1, 1)):
+        out = tmp_path / f"b{B}"
+        args = tiny(shakespeare_dir, out, "--max_steps", steps, "--total_batch_size", 256, "--batch_size", B,
+                    "--val_steps", val_steps)
+        init, grads, text = train_capturing_grads(args, capsys, monkeypatch)
+        assert f"grad accum {accum} |" in text and len(grads) == steps
+        runs[B] = (init, grads, out)
+    (init2, g2, out2), (init4, g4, out4) = runs[2], runs[4]
+    assert all(torch.equal(init2[k], init4[k]) for k in init4)  # same seed, same initial weights
+
+    # Float32 rounding only: the two runs add the same per-token terms in a different order (two half-batch
+    # sums vs one), which moves a result by ~1e-7 relative (observed here: loss 9e-8, norm 0, gradients 4e-7
+    # to 1.4e-6 relative over 3 steps). 1e-5 leaves 10x for other CPUs' kernels; a scale error is O(1).
+    for key in ("train_loss", "norm", "val_loss"):
+        a, b = metrics(out2, key), metrics(out4, key)
+        assert [s for s, _ in a] == [s for s, _ in b] and a, (key, a, b)
+        for (_, x), (_, y) in zip(a, b):
+            assert x == pytest.approx(y, rel=1e-5), (key, a, b)
+    for step, (a, b) in enumerate(zip(g2, g4)):
+        for name in b:
+            assert rel_err(a[name], b[name]) < 1e-5, (step, name, rel_err(a[name], b[name]))
+
+    # Step 0 against the gradient computed here: model(x, y) on the first 4 sequences, then clipped as the
+    # trainer's --grad_clip 1.0 clips it (the logged norm is the pre-clip one).
+    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "unused"))
+    ref = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, n_embd=cfg.n_embd))
+    ref.load_state_dict(init4)
+    x, y = ShardLoader(shard_paths(shakespeare_dir, "train"), 4, cfg.seq_len).next_batch()
+    _, loss = ref(x, y)
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref_norm = torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()
+    assert metrics(out2, "train_loss")[0][1] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics(out2, "norm")[0][1] == pytest.approx(ref_norm, rel=1e-5)
+    assert ref_norm > cfg.grad_clip  # so clipping is really exercised at step 0
+    scale = cfg.grad_clip / ref_norm
+    for name, g in ref_grads.items():
+        assert rel_err(g2[0][name], g * scale) < 1e-5, (name, rel_err(g2[0][name], g * scale))
+
+
+def test_inductor_compiled_training_matches_eager(monkeypatch):
+    """torch.compile (the default inductor backend, as the trainer calls it: dynamic=False) trains as eager
+    does: three steps of forward, backward, clip and fused AdamW on two copies of one tiny GPT (one block:
+    a second adds compile time, not kinds of kernels), float32, the loss forced into 2 chunks (GPT-2 124M's
+    has 13). Each step compares the loss, the pre-clip norm and every gradient; the weights then drift apart
+    only by what each step's rounding adds. test_model's compile test uses aot_eager, which runs no inductor
+    code, and test_eval_and_sampling_work_under_compile only checks that a compiled run finishes."""
+    import copy
+    import model as model_module
+    from model import GPTConfig, configure_optimizers
+    from runtime import compiled_graphs
+    monkeypatch.setattr(model_module, "LOGITS_CHUNK", 2**13)  # 64 rows x 256 vocab = 2 chunks
+    eager = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    twin = copy.deepcopy(eager)
+    from torch._dynamo.utils import counters
+    graphs, inductor_events = compiled_graphs(), sum(counters["inductor"].values())
+    compiled = torch.compile(twin, dynamic=False)
+    runs = [(eager, eager, configure_optimizers(eager, 0.1, 1e-2)),
+            (twin, compiled, configure_optimizers(twin, 0.1, 1e-2))]
+    data = torch.randint(0, 256, (3, 2, 33))
+    for step, batch in enumerate(data):
+        results = []
+        for model, forward, opt in runs:
+            opt.zero_grad(set_to_none=True)
+            _, loss = forward(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            results.append((loss.item(), norm.item(), grads))
+        (loss_e, norm_e, grads_e), (loss_c, norm_c, grads_c) = results
+        # Inductor fuses and reorders float32 reductions (layer norm, softmax, bias sums), a few ulps per op:
+        # observed loss within 1e-7, gradients within 1.5e-6 relative over these steps, here and with AVX2
+        # kernels forced (ATEN_CPU_CAPABILITY=avx2, cpp.simdlen=256). 2e-5 leaves >10x; a wrong term is O(1e-2+).
+        assert loss_c == pytest.approx(loss_e, rel=1e-5, abs=0), step
+        assert norm_c == pytest.approx(norm_e, rel=1e-5, abs=0), step
+        for name, g in grads_e.items():
+            assert rel_err(grads_c[name], g) < 2e-5, (step, name, rel_err(grads_c[name], g))
+    assert compiled_graphs() - graphs == 1  # the compiled path really ran: one graph, no break, no recompile
+    assert sum(counters["inductor"].values()) > inductor_events  # and inductor built it (aot_eager counts nothing)
