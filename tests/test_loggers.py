@@ -111,8 +111,8 @@ def test_wandb_offline_run_holds_the_config_every_metrics_event_and_the_samples(
     import train_gpt2
     out = tmp_path / "my-run"
     args = [a for a in run_args(shakespeare_dir, out, tmp_path, "--wandb_project", "gpt2-tests")
-            if a not in ("--dtype", "float32")]  # dtype auto: the config must hold the measured one,
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "float32")  # fast here
+            if a not in ("--dtype", "float32")]  # dtype auto: wandb's config must get the resolved dtype
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "float32")  # resolved fast, to float32
     code, _, err = train_main(args, capsys)
     assert code == 0, err
     wandb_env()
@@ -120,11 +120,11 @@ def test_wandb_offline_run_holds_the_config_every_metrics_event_and_the_samples(
     run, config, rows = wandb_run(run_dir)
     assert (run.project, run.display_name) == ("gpt2-tests", "my-run")
     assert run.run_id == (out / "wandb_run_id").read_text().strip() and run_dir.endswith(run.run_id)
-    with open(out / "train_config.json") as f:
-        assert {k: config[k] for k in json.load(f)} == json.load(open(out / "train_config.json"))
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert {k: config[k] for k in recorded} == recorded  # the TrainConfig as trained: dtype resolved, not auto
     assert config["dtype"] == "float32" and config["max_steps"] == 2
 
-    numbers = [{k: v for k, v in row.items() if not k.startswith(("_", "samples"))} for row in rows
+    numbers = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows  # _step, _runtime: wandb's
                if not any(k.startswith("samples") for k in row)]
     assert numbers == [pytest.approx(e) for e in number_events(out)]
     assert {"train_loss", "val_loss", "hellaswag_acc_norm", "tokens_per_sec"} <= {k for e in numbers for k in e}
@@ -148,9 +148,9 @@ def test_resumed_run_continues_the_same_wandb_run_a_fresh_one_starts_another(tmp
     assert train_main(args + ["--resume", "auto"], capsys)[0] == 0
     wandb_env()
     assert (out / "wandb_run_id").read_text().strip() == first
-    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
-    assert len(runs) == 2 and all(r.endswith(first) for r in runs)
-    assert [row["step"] for row in wandb_run(runs[1])[2] if "train_loss" in row] == [1]
+    runs = [wandb_run(r) for r in glob.glob(str(out / "wandb" / "offline-run-*"))]  # one local dir per invocation
+    assert len(runs) == 2 and {run.run_id for run, _, _ in runs} == {first}
+    assert sorted([row["step"] for row in rows if "train_loss" in row] for _, _, rows in runs) == [[0], [1]]
 
 
 @pytest.mark.parametrize("flag, module, package", [("--tensorboard", "torch.utils.tensorboard", "tensorboard"),
@@ -181,3 +181,13 @@ def test_tensorboard_dir_that_cannot_be_written_is_one_line_at_start(tmp_path, c
     code, _, err = train_main(tiny(str(tmp_path / "no_shards"), tmp_path / "out", "--max_steps", 1,
                                    "--tensorboard", tmp_path / "a_file" / "tb"), capsys)
     one_error(code, err, f"--tensorboard {tmp_path / 'a_file' / 'tb'}: {tmp_path / 'a_file'} is a file")
+
+
+def test_other_ranks_open_no_logger(tmp_path, shakespeare_dir, capsys, monkeypatch, wandb_env):
+    from runtime import Dist
+    monkeypatch.setattr(Dist, "master", property(lambda d: False))  # this process runs as a rank other than 0
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    code, _, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 1, "--val_steps", 1, "--tensorboard", tb,
+                                   "--wandb_project", "p"), capsys)
+    assert code == 0, err
+    assert not tb.exists() and not (out / "wandb").exists() and not (out / "wandb_run_id").exists()
