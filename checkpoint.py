@@ -226,15 +226,34 @@ def load_model(init_from, load=GPT.from_pretrained, flag="--init_from", **kwargs
 
 
 class MetricsLog:
-    """Appends one JSON object per event to out_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per event to out_dir/metrics.jsonl (rank 0 only), and hands the same event to
+    the optional trackers (loggers.py: TensorBoard, wandb), so every view shows the numbers of the file."""
 
-    def __init__(self, path, enabled):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled, loggers=()):
+        self.path, self.enabled, self.loggers = path, enabled, list(loggers)
+
+    def _append(self, event):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
 
     def write(self, **event):
+        """Numbers at a step: write(step=10, val_loss=3.2)."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            self._append(event)
+            for logger in self.loggers:
+                logger.scalars(event["step"], {k: v for k, v in event.items() if k != "step"})
+
+    def text(self, step, name, texts):
+        """A list of strings at a step (the periodic samples): {"step": 30, "samples": [...]} in the file,
+        text in the trackers. Readers of numbers (plot.py) skip it."""
+        if self.enabled:
+            self._append({"step": step, name: list(texts)})
+            for logger in self.loggers:
+                logger.text(step, name, list(texts))
+
+    def close(self):
+        for logger in self.loggers:
+            logger.close()
 
 
 def start_run(cfg, d):

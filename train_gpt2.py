@@ -32,6 +32,7 @@ from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_boo
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
+from loggers import check_loggers, open_loggers
 from model import GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
 from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, resolve_device, setup_dist
 
@@ -74,6 +75,8 @@ class TrainConfig:
     block_size: int = 1024
     vocab_size: int = 50304  # 50257 padded to a multiple of 64 for faster matmuls
     dropout: float = 0.0
+    wandb_project: str = ""  # also log to this wandb project ("": off; WANDB_MODE=offline works without an account)
+    tensorboard: str = ""  # also log to TensorBoard event files in this directory ("": off)
 
 
 def shape(name):
@@ -223,6 +226,7 @@ def hellaswag_eval(model, items, cfg, d, autocast):
 def train(cfg):
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
+    check_loggers(cfg)  # a missing package stops the run now, before data and model load
     device_type = "cuda" if d.device.startswith("cuda") else d.device
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -252,6 +256,7 @@ def train(cfg):
         if problem:
             raise DataError(problem)
     lock, ckpt = start_run(cfg, d)  # nothing is written before every input has been checked
+    loggers = open_loggers(cfg, resumed=ckpt is not None) if d.master else []
     if cfg.compile:
         check_compile(d.device)
     graphs_before = compiled_graphs()  # the check's own graph is not the model's
@@ -274,7 +279,7 @@ def train(cfg):
     if d.master:
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master, loggers)
     peak = gpu_peak_flops(torch.cuda.get_device_name(d.device)) if device_type == "cuda" else None
     if device_type == "cuda" and not peak:
         d.print0(f"MFU: unknown GPU ({torch.cuda.get_device_name(d.device)})")
@@ -299,8 +304,10 @@ def train(cfg):
             d.print0(f"step {step:5d} | hellaswag acc {acc:.4f} | acc_norm {acc_norm:.4f}")
             log.write(step=step, hellaswag_acc_norm=acc_norm, hellaswag_acc=acc)
         if cfg.sample_interval and d.master and ((step > 0 and step % cfg.sample_interval == 0) or last):
-            for text in sample_text(model, enc, cfg, d, step):
+            samples = sample_text(model, enc, cfg, d, step)
+            for text in samples:
                 d.print0(f"sample: {text!r}")
+            log.text(step, "samples", samples)
 
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
@@ -348,6 +355,7 @@ def train(cfg):
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
     if cfg.compile:
         d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
+    log.close()
     if W > 1:
         # DDP holds the group: free it, so that destroy_process_group drops the last reference and joins gloo's
         # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).
