@@ -129,7 +129,7 @@ def setup_dist(device):
         torch.cuda.set_device(device)
     # torch.distributed.nn (DDP imports it) binds the default group into function defaults when first
     # imported, which would keep the group and gloo's threads alive past destroy_process_group: import it first
-    import torch.distributed.nn  # noqa: F401
+    import torch.distributed.nn  # noqa: F401 (imported for its side effect)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, device)
 

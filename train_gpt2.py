@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -95,7 +96,7 @@ PRESETS = {
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=60,
         max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=20, val_steps=10,
         hellaswag_interval=0, sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
-        compile=False),  # 2-core CPU, float32: ~40 s of compiling for ~4% (bench.py), a loss over 60 steps
+        compile=False),  # 2-core AVX2 CPU, float32: tens of seconds of compiling for a gain that varied by run
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
     # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
     "finetune": dict(
@@ -224,6 +225,7 @@ def hellaswag_eval(model, items, cfg, d, autocast):
 
 
 def train(cfg):
+    t_run = time.time()
     d = setup_dist(cfg.device)
     validate(cfg, d.world_size)
     check_loggers(cfg)  # a missing package stops the run now, before data and model load
@@ -350,6 +352,10 @@ def train(cfg):
         if (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0) or step + 1 == end:
             save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d)
 
+    if step_times:
+        med = statistics.median(step_times)
+        d.print0(f"done: steps {start}-{end - 1} in {time.time() - t_run:.0f} s wall (setup and compile included) | "
+                 f"median step {med * 1000:.0f} ms, {cfg.total_batch_size / med:,.0f} tok/s")
     if d.master and end == cfg.max_steps:
         model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB))
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")

@@ -102,6 +102,7 @@ def test_short_shakespeare_training_lowers_val_loss(tmp_path, shakespeare_dir):
     assert val[0][1] > 10.5 and val[-1][1] < val[0][1] - 2.0, val  # from ln(50304) clearly down
     train = metrics(out, "train_loss")
     assert [s for s, _ in train] == list(range(30))
+    assert next(l for l in r.stdout.splitlines() if l.startswith("done: steps 0-29 in ")).count("tok/s") == 1
     line = next(l for l in r.stdout.splitlines() if l.startswith("step    29 | loss"))
     for field in ("lr", "norm", "ms", "tok/s", "eta"):
         assert field in line
@@ -618,3 +619,11 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
             assert rel_err(grads_c[name], g) < 2e-5, (step, name, rel_err(grads_c[name], g))
     assert compiled_graphs() - graphs == 1  # the compiled path really ran: one graph, no break, no recompile
     assert sum(counters["inductor"].values()) > inductor_events  # and inductor built it (aot_eager counts nothing)
+
+
+def test_storage_table_row_is_the_shakespeare_preset_as_trained():
+    """`python model.py`'s shakespeare row describes the model the preset really trains (vocab 50304, 256 tokens)."""
+    from model import storage_report, table_configs
+    from train_gpt2 import build_model
+    cfg = parse_args(["--preset", "shakespeare"])
+    assert storage_report(table_configs()["shakespeare"]) == storage_report(build_model(cfg).config)
