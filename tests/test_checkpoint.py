@@ -189,10 +189,11 @@ def test_resume_is_bit_exact(tmp_path, syn_dir, dtype):
     ta, tb = (read_json(d, "ckpt_000008", "trainer.json") for d in (a, b))
     assert ta["loader"] == tb["loader"] and ta["loader"]["epoch"] == 1  # the stream wrapped into epoch 1
     assert ta["step"] == tb["step"] == 8
-    # torch's RNG (dropout) is seeded from --seed, so it matches too; python's and numpy's global RNGs
-    # are saved and restored but never seeded, so each fresh process starts them differently
+    # every RNG is seeded from --seed and restored on resume, so all of them match: torch's (dropout),
+    # python's and numpy's (tests/test_train.py checks that load_checkpoint restores the last two)
     pa, pb = (torch.load(os.path.join(d, "ckpt_000008", "trainer.pt"), weights_only=True) for d in (a, b))
     assert torch.equal(pa["rng_torch"][0]["torch"], pb["rng_torch"][0]["torch"])
+    assert ta["rng"] == tb["rng"]
 
 
 # ----- 2. keep_last, the final model, and checkpoints as Hugging Face models -----
