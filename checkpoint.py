@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import socket
 from dataclasses import asdict
@@ -145,11 +146,14 @@ def run_contents(out_dir):
     """The names in out_dir that belong to a training run: its files and its checkpoints, complete or not."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or n.startswith(("ckpt_", ".tmp_ckpt_")))
+    ours = re.compile(r"(\.tmp_)?ckpt_\d+(\.old)?")  # ckpt_000250, .tmp_ckpt_000250(.old): not a user's ckpt_best
+    return sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or ours.fullmatch(n))
 
 
 def clear_run(out_dir):
     """--overwrite: delete the previous run's files and checkpoints; nothing else in out_dir is touched."""
+    if run_contents(out_dir):
+        print(f"--overwrite: deleting the previous run in {out_dir}: {', '.join(run_contents(out_dir))}", flush=True)
     for name in run_contents(out_dir):
         path = os.path.join(out_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

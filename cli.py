@@ -80,6 +80,8 @@ def dir_problem(path):
 
 def check_out_dir(path, flag="--out_dir"):
     """A directory we can write into, or one we can create: not a file, not under a file, not read-only."""
+    if not path:
+        raise ConfigError(f"{flag}: empty (name a directory)")
     if problem := dir_problem(path):
         raise ConfigError(f"{flag} {path}: {problem}")
     return path

@@ -453,6 +453,13 @@ def read_hf(name_or_path):
     raise ValueError(f"{name_or_path!r} is neither a directory nor one of gpt2, gpt2-medium, gpt2-large, gpt2-xl")
 
 
+def umask():
+    """The process's file-creation mask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_hf_dir(path, sd, config):
     """Write an HF state dict and config dict as path/model.safetensors and path/config.json.
 
@@ -466,6 +473,7 @@ def write_hf_dir(path, sd, config):
     with open(os.path.join(path, "config.json.tmp"), "w") as f:
         json.dump(config, f, indent=2)
     for name in ("model.safetensors", "config.json"):
+        os.chmod(os.path.join(path, name + ".tmp"), 0o666 & ~umask())  # safetensors writes 0600: others could not read
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint,
+from checkpoint import (CKPT_FILES, REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint,
                         start_run)
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
 from data import hellaswag
@@ -156,6 +156,11 @@ def validate(cfg, world_size):
          f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
     need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
     need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
+    missing = [f for f in CKPT_FILES if cfg.resume not in ("", "auto") and not os.path.isfile(os.path.join(cfg.resume, f))]
+    if missing:  # checked now, before anything is written next to it
+        newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
+        hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
+        raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
 
@@ -402,7 +407,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
         how = f"; newest checkpoint {newest[0]}; continue with: {resume_command(argv, cfg.out_dir)}" if newest \
-            else "; no checkpoint was written yet"
+            else f"; no checkpoint was written yet (--ckpt_interval {cfg.ckpt_interval}); start over with --overwrite true"
         print(f"\ninterrupted{how}", file=sys.stderr)
         sys.exit(130)
 

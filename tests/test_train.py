@@ -627,3 +627,39 @@ def test_storage_table_row_is_the_shakespeare_preset_as_trained():
     from train_gpt2 import build_model
     cfg = parse_args(["--preset", "shakespeare"])
     assert storage_report(table_configs()["shakespeare"]) == storage_report(build_model(cfg).config)
+
+
+def test_resume_given_a_run_folder_writes_nothing_and_names_the_fix(tmp_path, shakespeare_dir, capsys):
+    run_dir = tmp_path / "runs" / "runC"
+    assert train_main(tiny(shakespeare_dir, run_dir, "--max_steps", 2), capsys)[0] == 0
+    code, _, err = train_main(tiny(shakespeare_dir, run_dir, "--max_steps", 4) + ["--resume", run_dir],
+                              capsys)
+    one_error(code, err, f"--resume {run_dir}: not a complete checkpoint", f"--out_dir {run_dir} --resume auto")
+    assert os.listdir(tmp_path / "runs") == ["runC"]  # nothing written beside it
+
+
+def test_overwrite_deletes_only_the_runs_own_checkpoints_and_says_so(tmp_path, shakespeare_dir, capsys):
+    import shutil
+    out = tmp_path / "out"
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 2), capsys)[0] == 0
+    shutil.copytree(out / "ckpt_000002", out / "ckpt_backup")  # a user's copy
+    (out / "notes.txt").write_text("mine")
+    code, text, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 1, "--overwrite", "true"), capsys)
+    assert code == 0, err
+    assert "--overwrite: deleting the previous run" in text and "ckpt_000002" in text
+    assert (out / "ckpt_backup" / "trainer.pt").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_empty_out_dir_names_the_flag(tmp_path, shakespeare_dir, capsys):
+    one_error(*train_main(tiny(shakespeare_dir, "", "--max_steps", 1), capsys)[::2], "--out_dir: empty")
+
+
+def test_saved_models_are_readable_by_others_as_the_umask_says(tmp_path):
+    from model import GPTConfig
+    old = os.umask(0o022)
+    try:
+        GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8)).save_pretrained(str(tmp_path / "m"))
+    finally:
+        os.umask(old)
+    assert {f: oct(os.stat(tmp_path / "m" / f).st_mode & 0o777) for f in ("model.safetensors", "config.json")} == \
+        {"model.safetensors": "0o644", "config.json": "0o644"}
