@@ -663,3 +663,13 @@ def test_saved_models_are_readable_by_others_as_the_umask_says(tmp_path):
         os.umask(old)
     assert {f: oct(os.stat(tmp_path / "m" / f).st_mode & 0o777) for f in ("model.safetensors", "config.json")} == \
         {"model.safetensors": "0o644", "config.json": "0o644"}
+
+
+def test_resume_keeps_the_checkpoints_compile_setting(tmp_path, shakespeare_dir, capsys):
+    """The gpt2-124m preset compiles by default; a run started with --compile false resumes without compile."""
+    out = tmp_path / "out"
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--run_steps", 2), capsys)[0] == 0
+    args = [a for a in tiny(shakespeare_dir, out, "--max_steps", 4, "--resume", "auto")]
+    i = args.index("--compile")
+    code, text, err = train_main(args[:i] + args[i + 2:], capsys)  # no --compile flag: the preset says true
+    assert code == 0 and "compile False" in text, err
