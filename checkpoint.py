@@ -152,9 +152,10 @@ def run_contents(out_dir):
 
 def clear_run(out_dir):
     """--overwrite: delete the previous run's files and checkpoints; nothing else in out_dir is touched."""
-    if run_contents(out_dir):
-        print(f"--overwrite: deleting the previous run in {out_dir}: {', '.join(run_contents(out_dir))}", flush=True)
-    for name in run_contents(out_dir):
+    names = run_contents(out_dir)
+    if names:
+        print(f"--overwrite: deleting the previous run in {out_dir}: {', '.join(names)}", flush=True)
+    for name in names:
         path = os.path.join(out_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -192,9 +193,9 @@ def find_resume(out_dir, resume, overwrite):
     deleted first). resume "auto": the newest complete checkpoint; none, while out_dir holds a run (only
     incomplete checkpoints, say) is refused rather than silently starting over. resume PATH: that checkpoint.
     """
-    ours = run_contents(out_dir)
-    if resume == "auto" and list_checkpoints(out_dir):
-        return list_checkpoints(out_dir)[-1]
+    ours, complete = run_contents(out_dir), list_checkpoints(out_dir)
+    if resume == "auto" and complete:
+        return complete[-1]
     if resume not in ("", "auto"):
         if os.path.normpath(os.path.dirname(os.path.normpath(resume))) == os.path.normpath(out_dir):
             return resume
