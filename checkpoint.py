@@ -46,13 +46,17 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def missing_files(path):
+    """The checkpoint files path lacks: none for a complete checkpoint."""
+    return [f for f in CKPT_FILES if not os.path.isfile(os.path.join(path, f))]
+
+
 def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
     if not os.path.isdir(out_dir):
         return []
     names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
-    return [os.path.join(out_dir, n) for n in names
-            if all(os.path.isfile(os.path.join(out_dir, n, f)) for f in CKPT_FILES)]
+    return [os.path.join(out_dir, n) for n in names if not missing_files(os.path.join(out_dir, n))]
 
 
 def save_checkpoint(cfg, step, model, optimizer, loader, d):
@@ -94,7 +98,7 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d):
 
 def load_checkpoint(path, model, optimizer, loader, d):
     """Restore weights, optimizer, loader position and this rank's RNGs; return the step to start at."""
-    missing = [f for f in CKPT_FILES if not os.path.isfile(os.path.join(path, f))]
+    missing = missing_files(path)
     if missing:
         raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
     try:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CKPT_FILES, REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint,
-                        start_run)
+from checkpoint import (REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, missing_files,
+                        save_checkpoint, start_run)
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, shard_problem
@@ -156,7 +156,7 @@ def validate(cfg, world_size):
          f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
     need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
     need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
-    missing = [f for f in CKPT_FILES if cfg.resume not in ("", "auto") and not os.path.isfile(os.path.join(cfg.resume, f))]
+    missing = missing_files(cfg.resume) if cfg.resume not in ("", "auto") else []
     if missing:  # checked now, before anything is written next to it
         newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
         hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
