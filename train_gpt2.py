@@ -9,7 +9,6 @@ defaults the other flags override; `--help` lists them all. Reference numbers fo
 (build-nanogpt, 10B tokens of FineWeb-Edu): val loss about 3.07 vs OpenAI GPT-2 124M's 3.2924;
 HellaSwag acc_norm about 0.30 vs GPT-2's 0.2955.
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -20,149 +19,22 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, missing_files,
-                        save_checkpoint, start_run)
-from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
+from checkpoint import REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint, start_run
+from cli import ConfigError, run_main
+from config import PREPARE_HINT, PRESETS, parse_args, validate
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
-from model import GPT, MODEL_SHAPES, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
-from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, resolve_device, setup_dist
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "gpt2-124m"
-    data_dir: str = "data/shards/edufineweb"
-    out_dir: str = "out"
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float32 (auto: see pick_dtype)
-    compile: bool = True
-    seed: int = 1337
-    max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
-    total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
-    batch_size: int = 64  # sequences per rank per micro step
-    seq_len: int = 1024
-    max_lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 715
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    val_steps: int = 20  # val batches per eval
-    hellaswag_interval: int = 250  # HellaSwag eval every this many steps (0 disables)
-    hellaswag_path: str = ""  # a HellaSwag jsonl; "": the val set, downloaded to data/cache/hellaswag/
-    sample_interval: int = 250  # 0 disables sampling
-    sample_prompt: str = "Hello, I'm a language model,"
-    sample_tokens: int = 32
-    shuffle: bool = False  # shuffle the train shards each epoch
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF-format dir
-    ckpt_interval: int = 1000  # write out_dir/ckpt_<step>/ every this many steps (0: only at the end)
-    keep_last: int = 2  # checkpoints kept (the newest)
-    resume: str = ""  # "" (start fresh) | auto (newest checkpoint in out_dir, else fresh) | a ckpt dir
-    overwrite: bool = False  # a fresh run may delete the run already in out_dir (else it is refused)
-    run_steps: int = 0  # stop after this many steps in this invocation, checkpointed (0: run to max_steps)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304  # 50257 padded to a multiple of 64 for faster matmuls
-    dropout: float = 0.0
-    wandb_project: str = ""  # also log to this wandb project ("": off; WANDB_MODE=offline works without an account)
-    tensorboard: str = ""  # also log to TensorBoard event files in this directory ("": off)
-
-
-def shape(name):
-    n_layer, n_head, n_embd = MODEL_SHAPES[name]
-    return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-
-
-# Named sets of defaults. gpt2-124m is build-nanogpt's recipe; the larger ones take GPT-3's learning rates.
-PRESETS = {
-    "gpt2-124m": {},
-    "gpt2-medium": dict(**shape("gpt2-medium"), batch_size=32, max_lr=3e-4, min_lr=3e-5),
-    "gpt2-large": dict(**shape("gpt2-large"), batch_size=16, max_lr=2.5e-4, min_lr=2.5e-5),
-    "gpt2-xl": dict(**shape("gpt2-xl"), batch_size=8, max_lr=2e-4, min_lr=2e-5),
-    "shakespeare": dict(
-        **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
-        block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=60,
-        max_lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_interval=20, val_steps=10,
-        hellaswag_interval=0, sample_interval=30, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True,
-        compile=False),  # 2-core AVX2 CPU, float32: tens of seconds of compiling for a gain that varied by run
-    # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
-    # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
-    "finetune": dict(
-        init_from="gpt2", data_dir="data/shards/shakespeare", out_dir="out-ft", seq_len=1024, batch_size=8,
-        total_batch_size=32768, max_steps=200, max_lr=3e-5, min_lr=3e-5, warmup_steps=10, dropout=0.1,
-        eval_interval=20, val_steps=10, hellaswag_interval=0, sample_interval=50, sample_prompt="ROMEO:\n",
-        sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
-}
-PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
-                "finetune": "python data/fineweb.py --input YOUR_TEXT --out_dir {data_dir}"}
-
-
-def parse_args(argv=None):
-    """argv -> TrainConfig: TrainConfig defaults, then the preset's, then the flags given."""
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.name.upper(),
-                            help=f"default: {f.default!r}" + (f"; presets: {', '.join(PRESETS)}" if f.name == "preset" else ""))
-    args = parser.parse_args(argv)
-    preset = args.preset or TrainConfig.preset
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if given.get("resume", "") not in ("", "auto") and "out_dir" not in given:  # a resumed run writes where it lives
-        given["out_dir"] = os.path.dirname(os.path.normpath(given["resume"])) or "."
-    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
-    cfg.given = set(given)  # which flags the user set: a resume keeps the checkpoint's measured choices otherwise
-    return cfg
-
-
-def validate(cfg, world_size):
-    """Raise ConfigError naming the flag for any value that cannot work."""
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
-    resolve_device(cfg.device)
-    need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
-    for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
-                 "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
-        need(math.isfinite(getattr(cfg, name)), f"--{name}: must be a finite number, got {getattr(cfg, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
-                 "ckpt_interval", "run_steps", "hellaswag_interval"):
-        need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
-    need(not cfg.sample_interval or cfg.sample_prompt, "--sample_prompt: empty (give some text, or --sample_interval 0)")
-    check_seed(cfg.seed)
-    check_out_dir(cfg.out_dir)
-    need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
-    need(0 <= cfg.dropout < 1, f"--dropout: must be in [0, 1), got {cfg.dropout}")
-    need(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    need(cfg.seq_len <= cfg.block_size, f"--seq_len {cfg.seq_len} is longer than --block_size {cfg.block_size}")
-    per_step = cfg.batch_size * cfg.seq_len * world_size
-    need(cfg.total_batch_size % per_step == 0,
-         f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
-         f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
-    need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
-    need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
-    missing = missing_files(cfg.resume) if cfg.resume not in ("", "auto") else []
-    if missing:  # checked now, before anything is written next to it
-        newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
-        hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
-        raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
-    need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
-         f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
+from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
+from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, setup_dist
 
 
 def get_lr(step, cfg):
@@ -397,7 +269,7 @@ def main(argv=None):
 
     def run():
         nonlocal cfg
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, doc=__doc__)
         train(cfg)
     try:
         run_main(run)

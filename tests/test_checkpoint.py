@@ -29,7 +29,7 @@ from checkpoint import list_checkpoints, load_checkpoint
 from cli import ConfigError
 from data.shards import DataError
 from runtime import Dist
-from train_gpt2 import parse_args
+from config import parse_args
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # runs often go two at a time on the 2 cores

@@ -10,7 +10,8 @@ import torch
 from conftest import HELLASWAG, ROOT, write_hellaswag
 from model import GPT
 from runtime import pick_dtype
-from train_gpt2 import PRESETS, TrainConfig, get_lr, parse_args
+from config import PRESETS, TrainConfig, parse_args
+from train_gpt2 import get_lr
 
 # A tiny model on the real Shakespeare shards: 512 tokens per step, fast on 2 cores.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--seq_len", "64",

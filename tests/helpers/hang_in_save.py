@@ -19,13 +19,14 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import train_gpt2  # noqa: E402
+from config import parse_args  # noqa: E402
 from model import configure_optimizers  # noqa: E402
 from runtime import Dist  # noqa: E402
 from data.shards import ShardLoader, shard_paths  # noqa: E402
 
 
 def main():
-    cfg = train_gpt2.parse_args(sys.argv[1:])
+    cfg = parse_args(sys.argv[1:])
     d = Dist(device="cpu")
     torch.manual_seed(cfg.seed)
     model = train_gpt2.build_model(cfg)
