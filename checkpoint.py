@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 from dataclasses import asdict
@@ -289,3 +290,28 @@ def start_run(cfg, d):
             else:
                 setattr(cfg, name, recorded[name])
     return lock, ckpt
+
+
+def resume_command(argv, out_dir):
+    """The command line that continues this run: the same flags, without --resume/--overwrite, plus
+    --out_dir and --resume auto."""
+    keep, skip = [], False
+    for a in argv:
+        if skip or a.split("=")[0] in ("--resume", "--overwrite"):
+            skip = not skip and "=" not in a
+            continue
+        keep.append(a)
+    if "--out_dir" not in {a.split("=")[0] for a in keep}:
+        keep += ["--out_dir", out_dir]
+    return " ".join(["python train_gpt2.py", *map(shlex.quote, keep), "--resume", "auto"])
+
+
+def interrupted_line(argv, cfg):
+    """What Ctrl-C prints: the newest checkpoint and the command that continues from it, or that there is none.
+    `cfg` is None when the flags were not parsed yet."""
+    newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
+    if newest:
+        return f"interrupted; newest checkpoint {newest[0]}; continue with: {resume_command(argv, cfg.out_dir)}"
+    if cfg is None:
+        return "interrupted"
+    return f"interrupted; no checkpoint was written yet (--ckpt_interval {cfg.ckpt_interval}); start over with --overwrite true"

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -26,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import REAL_VOCAB, MetricsLog, list_checkpoints, load_checkpoint, load_model, save_checkpoint, start_run
+from checkpoint import (REAL_VOCAB, MetricsLog, interrupted_line, list_checkpoints, load_checkpoint, load_model,
+                        save_checkpoint, start_run)
 from cli import ConfigError, run_main
 from config import PREPARE_HINT, PRESETS, parse_args, validate
 from data import hellaswag
@@ -250,20 +250,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss): one line, exit code 2, the last good checkpoint kept."""
 
 
-def resume_command(argv, out_dir):
-    """The command line that continues this run: the same flags, without --resume/--overwrite, plus
-    --out_dir and --resume auto."""
-    keep, skip = [], False
-    for a in argv:
-        if skip or a.split("=")[0] in ("--resume", "--overwrite"):
-            skip = not skip and "=" not in a
-            continue
-        keep.append(a)
-    if "--out_dir" not in {a.split("=")[0] for a in keep}:
-        keep += ["--out_dir", out_dir]
-    return " ".join(["python train_gpt2.py", *map(shlex.quote, keep), "--resume", "auto"])
-
-
 def main(argv=None):
     argv, cfg = sys.argv[1:] if argv is None else argv, None
 
@@ -277,10 +263,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
-        how = f"; newest checkpoint {newest[0]}; continue with: {resume_command(argv, cfg.out_dir)}" if newest \
-            else f"; no checkpoint was written yet (--ckpt_interval {cfg.ckpt_interval}); start over with --overwrite true"
-        print(f"\ninterrupted{how}", file=sys.stderr)
+        print(f"\n{interrupted_line(argv, cfg)}", file=sys.stderr)
         sys.exit(130)
 
 

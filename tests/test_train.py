@@ -437,7 +437,7 @@ def test_compile_is_static(tmp_path, shakespeare_dir, capsys, monkeypatch):
 
 
 def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
-    from train_gpt2 import resume_command
+    from checkpoint import resume_command
     assert resume_command(["--preset", "shakespeare", "--resume", "out/ckpt_000001", "--max_lr=1e-3", "--overwrite",
                            "true"], "out") == \
         "python train_gpt2.py --preset shakespeare --max_lr=1e-3 --out_dir out --resume auto"
