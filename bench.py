@@ -5,6 +5,7 @@
     python bench.py generate --dtype bfloat16 --new_tokens 32
     python bench.py loader
     python bench.py tokenize
+    python bench.py quality                  # 5 minutes of our Shakespeare preset, then 5 of build-nanogpt's recipe
 
 train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
 (torch.compile on, fused loss, fused AdamW), of our model eager, and of Hugging Face GPT2LMHeadModel
@@ -18,6 +19,12 @@ differently, so agreement is only expected in float32); the timed rows then run 
 loader: tokens/s our ShardLoader serves at B=64, T=1024 (to the device), and ms per batch.
 tokenize: data/fineweb.py's tokenize against build-nanogpt's per-document encode_ordinary in a
 process pool, on the same documents (Shakespeare's plays cut into ~4 KB documents).
+quality: time to quality. `train_gpt2.py --preset shakespeare` and build-nanogpt's recipe (its hyperparameters
+on the same 4L/4H/256 GPT: B=16 x T=256, lr 1e-3, 10 warmup steps, cosine to 10%, AdamW (0.9, 0.95), wd 0.1,
+clip 1.0, compile) each get --budget seconds of wall time on this machine, compile and setup included. Both
+fit their cosine to the budget (--time_budget, which build-nanogpt lacks: that is generous to it), train in
+the same dtype (auto), and are scored the same way at the end: float32 val loss on the first 10 val batches of
+16 x 256 tokens. Not part of the default set (it takes 2 x --budget).
 
 Rows are interleaved over --repeats rounds and the median is reported: shared machines are noisy,
 so compare the ratios, which are measured side by side.
@@ -38,7 +45,11 @@ from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
 from cli import ConfigError, OneLineParser, check_out_file, run_main
 from runtime import make_autocast, pick_dtype, resolve_device
 
-WHAT = ("train", "generate", "loader", "tokenize")
+WHAT = ("train", "generate", "loader", "tokenize", "quality")
+DEFAULT = WHAT[:4]  # quality takes minutes: only when named
+# build-nanogpt's train_gpt2.py hyperparameters at the Shakespeare preset's model shape
+BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                     weight_decay=0.1, grad_clip=1.0, compile="true", n_layer=4, n_head=4, n_embd=256, block_size=256)
 
 
 def interleaved(runs, repeats, per_round=1, device="cpu"):
@@ -291,6 +302,63 @@ def bench_tokenize(args, device, dtype):
     return {"tokens_per_sec": rate, "ratios": ratios, "documents": len(docs), "tokens": n_tokens}
 
 
+def val_loss(model_dir, data_dir, batches=10, B=16, T=256):
+    """float32 mean loss of a saved model on the first `batches` val batches of B x T: one yardstick for all.
+    (A model with a shorter context reads the same tokens in more, shorter rows.)"""
+    from data.shards import ShardLoader, shard_paths
+    model = GPT.from_pretrained(model_dir).eval()
+    t = min(T, model.config.block_size)
+    loader = ShardLoader(shard_paths(data_dir, "val"), B * T // t, t)
+    with torch.no_grad():
+        return statistics.mean(model(*loader.next_batch())[1].item() for _ in range(batches))
+
+
+def bench_quality(args, device, dtype):
+    import subprocess
+    import sys
+    from config import PRESETS
+    from data.tokenizer import get_encoding
+    dtype = pick_dtype(dtype, device)  # measured once: both runs train in the same precision
+    recipes = {"ours (--preset shakespeare)": {},
+               "build-nanogpt's recipe": {**BUILD_NANOGPT, "max_steps": 100_000}}
+    enc, rows = get_encoding(), {}
+    data_dir = args.data_dir or PRESETS["shakespeare"]["data_dir"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, flags) in enumerate(recipes.items()):
+            out_dir = os.path.join(tmp, str(i))
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py"),
+                   "--preset", "shakespeare", "--out_dir", out_dir, "--device", device, "--dtype", dtype,
+                   "--time_budget", str(args.budget), "--data_dir", data_dir,
+                   *[f"--{k}={v}" for k, v in flags.items()], *args.train_args.split()]
+            t0 = time.time()
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.time() - t0
+            if run.returncode:  # a bad --train_args or --data_dir: the trainer's own one line
+                last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise ConfigError(f"quality: {name}: train_gpt2.py exited {run.returncode}: {last}")
+            done = next(line for line in run.stdout.splitlines() if line.startswith("done:"))
+            with open(os.path.join(out_dir, "train_config.json")) as f:
+                cfg = json.load(f)  # as the run started (before --time_budget fixed max_steps)
+            with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+                steps = sum("train_loss" in json.loads(line) for line in f)
+            model = GPT.from_pretrained(out_dir).eval()
+            prompt = torch.tensor([enc.encode("ROMEO:\n")])
+            sample = model.generate(prompt, 48, top_k=50, generator=torch.Generator().manual_seed(0))[0].tolist()
+            rows[name] = dict(val_loss=val_loss(out_dir, data_dir), wall_s=wall, steps=steps,
+                              tokens=steps * cfg["total_batch_size"], done=done, config=cfg,
+                              sample=enc.decode([t for t in sample if t < enc.n_vocab]))
+    print(f"quality: {args.budget:g} s of wall time each, {device}, dtype {dtype}; float32 val loss on the first "
+          f"10 val batches of 16 x 256 of {data_dir}")
+    for name, r in rows.items():
+        print(f"  {name:<28} val {r['val_loss']:.3f}  {r['steps']} steps, {r['tokens'] / 1e6:.2f}M tokens, "
+              f"{r['wall_s']:.0f} s wall")
+        print(f"    {r['done']}")
+        print(f"    sample: {r['sample']!r}")
+    (ours, base) = (rows[n]["val_loss"] for n in recipes)
+    print(f"  ours - build-nanogpt's recipe: {ours - base:+.3f} nats (goal <= -0.3; ours goal <= 5.0)")
+    return {"config": {**vars(args), "device": device, "dtype": dtype}, "runs": rows, "difference": ours - base}
+
+
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="*", help=f"any of {', '.join(WHAT)} (default: all)")
@@ -308,14 +376,17 @@ def parse_args(argv=None):
     p.add_argument("--loader_batches", type=int, default=20)
     p.add_argument("--docs", type=int, default=2000, help="tokenize: documents")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", type=float, default=300, help="quality: seconds of wall time per recipe")
+    p.add_argument("--data_dir", default="", help="quality: Shakespeare-format shards (default: the preset's)")
+    p.add_argument("--train_args", default="", help="quality: more train_gpt2.py flags for both runs")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     for what in args.what:
         if what not in WHAT:
             p.error(f"unknown benchmark {what!r}: expected any of {', '.join(WHAT)}")
-    args.what = args.what or list(WHAT)
+    args.what = args.what or list(DEFAULT)
     for name in ("n_layer", "n_head", "n_embd", "batch", "seq_len", "steps", "gen_batch", "prompt_len", "new_tokens",
-                 "loader_batches", "docs", "repeats"):
+                 "loader_batches", "docs", "repeats", "budget"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
     if args.json:
@@ -340,7 +411,8 @@ def run(args):
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     todo = {what: with_shape(args, what, cuda) for what in args.what}  # every flag checked before any benchmark
-    bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize}
+    bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize,
+             "quality": bench_quality}
     result = {}
     for what, run_args in todo.items():
         torch.manual_seed(0)

@@ -269,9 +269,9 @@ class MetricsLog:
 def start_run(cfg, d):
     """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
 
-    Returns (lock, checkpoint path or None). A resumed run keeps the dtype and compile the checkpoint was
-    trained with (auto measures again at every start and could switch precision); a flag given on the
-    command line wins, with a note."""
+    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path and max_steps
+    the checkpoint was trained with (auto measures again at every start and could switch precision; --time_budget
+    derived max_steps from this machine's speed); a flag given on the command line wins, with a note."""
     lock, ckpt, problem = None, None, None
     if d.master:
         try:
@@ -283,7 +283,7 @@ def start_run(cfg, d):
     if problem:
         raise ConfigError(problem)
     recorded = recorded_config(ckpt) if ckpt else {}
-    for name in ("dtype", "compile"):
+    for name in ("dtype", "compile", "loss", "max_steps"):
         if name in recorded and recorded[name] != getattr(cfg, name):
             if name in getattr(cfg, "given", ()):
                 d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")

@@ -22,6 +22,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float32 (auto: see pick_dtype)
     compile: bool = True
+    loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: measured at start, see runtime.pick_loss)
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -46,6 +47,7 @@ class TrainConfig:
     resume: str = ""  # "" (start fresh) | auto (newest checkpoint in out_dir, else fresh) | a ckpt dir
     overwrite: bool = False  # a fresh run may delete the run already in out_dir (else it is refused)
     run_steps: int = 0  # stop after this many steps in this invocation, checkpointed (0: run to max_steps)
+    time_budget: float = 0  # seconds of wall time: after the first timed steps max_steps becomes what fits (0: off)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -111,13 +113,14 @@ def validate(cfg, world_size):
             raise ConfigError(msg)
     resolve_device(cfg.device)
     need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
+    need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
+    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget"):
         need(math.isfinite(getattr(cfg, name)), f"--{name}: must be a finite number, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
-                 "ckpt_interval", "run_steps", "hellaswag_interval"):
+                 "ckpt_interval", "run_steps", "hellaswag_interval", "time_budget"):
         need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
     need(not cfg.sample_interval or cfg.sample_prompt, "--sample_prompt: empty (give some text, or --sample_interval 0)")
     check_seed(cfg.seed)
@@ -139,3 +142,20 @@ def validate(cfg, world_size):
         raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
+
+
+BUDGET_PROBE = 5  # --time_budget: steps 1..5 are timed (step 0 compiles), then max_steps is fixed
+
+
+def budget_steps(cfg, step, elapsed, step_seconds, grad_accum):
+    """The max_steps that --time_budget allows, fixed once after step BUDGET_PROBE: every machine trains for
+    the steps its budget fits, and the cosine reaches min_lr at the last of them. (Before then the warmup's lr
+    does not depend on max_steps.)
+
+    elapsed: seconds since the run started, step_seconds: a timed training step. An eval's val_steps batches
+    cost about a third of a training micro step each (forward only); one comes every eval_interval steps and
+    one at the end. 3% is kept back for sampling, checkpoints and the final save. Never above --max_steps."""
+    eval_seconds = cfg.val_steps * step_seconds / grad_accum / 3
+    left = 0.97 * cfg.time_budget - elapsed - eval_seconds
+    fit = int(left / (step_seconds + eval_seconds / cfg.eval_interval))
+    return min(cfg.max_steps, step + 1 + max(0, fit))

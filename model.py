@@ -171,6 +171,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as GPT-2
+        self.fused_loss = True  # see head_loss
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -202,15 +203,25 @@ class GPT(nn.Module):
                 raise ValueError(f"targets {tuple(targets.shape)} and idx {tuple(idx.shape)} must have the same shape")
         x = self.hidden_states(idx, cache)  # (B, T, C) or (T, C)
         if targets is not None:
-            device = x.device.type
-            autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
-            dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                   dtype, needs_grad)
+            return None, self.head_loss(x, targets)
         if cache is not None:
             x = x[..., -1:, :]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab)
+
+    def head_loss(self, x, targets):
+        """Mean cross-entropy of lm_head(x) against targets (-100: ignored); x (..., C), targets (...).
+
+        fused_loss (the default): LinearCrossEntropy, which never holds the full logits. Otherwise the plain
+        path, lm_head then F.cross_entropy on the float32 logits, which some machines run faster (the trainer
+        measures which at start: runtime.pick_loss)."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+        if not self.fused_loss:
+            return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-100)
+        device = x.device.type
+        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+        return LinearCrossEntropy.apply(x, self.lm_head.weight, targets, dtype, needs_grad)
 
     def hidden_states(self, idx, cache=None):
         """idx (B, T) -> the final hidden states ln_f(x) (B, T, C), before the lm_head (heads share this).

@@ -37,14 +37,19 @@ def resolve_device(device):
     return device
 
 
-def matmul_seconds(dtype, device):
-    """Seconds for three 256^3 matmuls in dtype on device (after one warm-up): pick_dtype's measurement."""
+def matmul_seconds(dtype, device, repeats=7):
+    """Seconds for three 256^3 matmuls in dtype on device, the fastest of `repeats` tries after a warm-up:
+    pick_dtype's measurement. The minimum, because another process on the machine only ever adds time
+    (one try of a fraction of a millisecond once picked float32 on a bf16-native CPU while a script started)."""
     a = torch.randn(256, 256, device=device, dtype=dtype)
     a @ a
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    return time.perf_counter() - t0
+    tries = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        tries.append(time.perf_counter() - t0)
+    return min(tries)
 
 
 def pick_dtype(dtype, device):
@@ -155,3 +160,34 @@ def compiled_graphs():
     """How many graphs torch.compile has captured in this process (one per use: train, eval, HellaSwag)."""
     from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"]
+
+
+def loss_seconds(model, fused, rows, dtype, device):
+    """Seconds for one forward and backward of model.head_loss on `rows` random hidden states, fused or
+    plain, in dtype's autocast: the fastest of two tries after a warm-up (pick_loss's measurement)."""
+    x = torch.randn(rows, model.config.n_embd, device=device, requires_grad=True)  # (N, C)
+    targets = torch.randint(0, model.config.vocab_size, (rows,), device=device)  # (N,)
+    model.fused_loss, tries = fused, []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with make_autocast(dtype, device):
+            loss = model.head_loss(x, targets)
+        loss.backward()
+        tries.append(time.perf_counter() - t0)
+    model.lm_head.weight.grad = None
+    return min(tries[1:])
+
+
+def pick_loss(loss, model, rows, dtype, device):
+    """--loss: 'auto' -> 'fused' or 'plain'. On CUDA fused: the plain path's full logits are the largest
+    tensor of a step (6.6 GB in bf16 for GPT-2 124M at 64 x 1024), so even measuring it could run out of
+    memory. On CPU whichever trains the head faster here, timed at one micro batch (`rows` = B * T): which
+    wins depends on the CPU, its dtype and thread count (a few seconds at the Shakespeare preset's shape)."""
+    if loss == "auto":
+        if device.startswith("cuda"):
+            loss = "fused"
+        else:
+            fused, plain = (loss_seconds(model, f, rows, dtype, device) for f in (True, False))
+            loss = "fused" if fused <= plain else "plain"
+    model.fused_loss = loss == "fused"
+    return loss

@@ -28,13 +28,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (REAL_VOCAB, MetricsLog, interrupted_line, list_checkpoints, load_checkpoint, load_model,
                         save_checkpoint, start_run)
 from cli import ConfigError, run_main
-from config import PREPARE_HINT, PRESETS, parse_args, validate
+from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, validate
 from data import hellaswag
 from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
-from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, setup_dist
+from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, pick_loss, setup_dist
 
 
 def get_lr(step, cfg):
@@ -139,11 +139,14 @@ def train(cfg):
     if cfg.compile:
         check_compile(d.device)
     graphs_before = compiled_graphs()  # the check's own graph is not the model's
-    cfg.dtype = pick_dtype(cfg.dtype, d.device)
+    cfg.dtype = d.agree(pick_dtype(cfg.dtype, d.device))  # measured choices: rank 0's timing decides for all
+    cfg.loss = d.agree(pick_loss(cfg.loss, model, B * T, cfg.dtype, d.device))
+    model.fused_loss = cfg.loss == "fused"
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 
-    d.print0(f"device {d.device} x{W} | dtype {cfg.dtype} | compile {cfg.compile} | grad accum {grad_accum} | "
+    d.print0(f"device {d.device} x{W} | dtype {cfg.dtype} | compile {cfg.compile} | loss {cfg.loss} | "
+             f"grad accum {grad_accum} | "
              f"{len(train_paths)} train / {len(val_paths)} val shards in {cfg.data_dir}")
     c = model.config
     d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
@@ -172,7 +175,8 @@ def train(cfg):
     gc.collect()
     gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
 
-    for step in range(start, end):
+    step = start
+    while step < end:
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
             val_loss = evaluate(compiled, val_loader, cfg.val_steps, d, autocast)
@@ -226,8 +230,15 @@ def train(cfg):
                  f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta / 60:.1f} min")
         log.write(step=step, train_loss=train_loss, lr=lr, norm=norm, dt_ms=dt * 1000, tokens_per_sec=tok_per_sec,
                   **({"mfu": mfu} if mfu else {}))
+        if cfg.time_budget and step == BUDGET_PROBE:  # rank 0's clock decides for all ranks
+            cfg.max_steps = d.agree(budget_steps(cfg, step, time.time() - t_run, statistics.median(step_times[1:] or step_times),
+                                                 grad_accum))
+            end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
+            d.print0(f"--time_budget {cfg.time_budget:g} s: max_steps {cfg.max_steps} (recorded in checkpoints)")
+            log.write(step=step, max_steps=cfg.max_steps)
         if (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0) or step + 1 == end:
             save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d)
+        step += 1
 
     if step_times:
         med = statistics.median(step_times)

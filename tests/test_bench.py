@@ -96,3 +96,34 @@ def test_generate_checks_in_float32_then_times_in_the_dtype_asked(monkeypatch, c
     assert result["config"]["dtype"] == "bfloat16" and all(v > 0 for v in result["tokens_per_sec"].values())
     assert result["greedy_tokens_agree_float32"] == {"cache_vs_recompute": True, "cache_vs_hf": True}
     assert "greedy tokens in float32: cache == recompute: yes, cache == HF generate: yes" in capsys.readouterr().out
+
+
+def test_quality_trains_both_recipes_for_the_budget_and_scores_them_alike(tmp_path, shakespeare_dir):
+    """bench.py quality on a tiny shape: both recipes run under --time_budget and are scored on the same
+    val tokens; the baseline gets build-nanogpt's hyperparameters, ours the preset's."""
+    from config import PRESETS
+    out = tmp_path / "q.json"
+    tiny = ("--compile false --n_layer 1 --n_head 1 --n_embd 32 --block_size 32 --seq_len 32 --batch_size 2 "
+            "--total_batch_size 64 --val_steps 2 --eval_interval 4 --sample_interval 0")
+    r = bench("quality", "--budget", "4", "--device", "cpu", "--dtype", "float32", "--data_dir", str(shakespeare_dir),
+              "--train_args", tiny, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["quality"]["runs"]
+    ours, base = runs["ours (--preset shakespeare)"], runs["build-nanogpt's recipe"]
+    assert (base["config"]["max_lr"], base["config"]["min_lr"], base["config"]["warmup_steps"]) == (1e-3, 1e-4, 10)
+    assert (ours["config"]["max_lr"], ours["config"]["warmup_steps"]) == \
+        (PRESETS["shakespeare"]["max_lr"], PRESETS["shakespeare"]["warmup_steps"])
+    for run in (ours, base):
+        assert run["config"]["time_budget"] == 4 and run["config"]["n_embd"] == 32
+        assert run["steps"] >= 6 and run["tokens"] == run["steps"] * 64  # the budget is spent by the timed steps
+        assert 5 < run["val_loss"] < 11.5 and run["done"].startswith("done: steps 0-")
+    assert "ours - build-nanogpt's recipe" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "--budget: must be positive"),
+    (["--train_args", "--max_lr nope"], "quality: ours (--preset shakespeare): train_gpt2.py exited 2: error: argument --max_lr"),
+])
+def test_quality_bad_input_is_one_line(args, message):
+    r = bench("quality", "--device", "cpu", "--dtype", "float32", *args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr

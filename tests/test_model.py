@@ -379,6 +379,22 @@ def test_fused_loss_and_gradients_match_plain_cross_entropy(monkeypatch, chunk):
         torch.testing.assert_close(model(idx, targets)[1], ref_loss)
 
 
+def test_plain_loss_path_is_lm_head_then_cross_entropy():
+    """fused_loss = False (what --loss plain and a measured auto pick): the same loss and gradients as the
+    reference, computed from the full logits."""
+    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 128, (2, 3, 20))
+    targets[1, -5:] = -100
+    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
+    model.fused_loss = False
+    logits, loss = model(idx[:, :-1], targets[:, 1:])  # sliced, as notebook users pass them
+    assert logits is None
+    _, loss = model(idx, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for g, r in zip(torch.autograd.grad(loss, list(model.parameters())), ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk", [None, 1000])
 def test_fused_loss_under_bf16_autocast(monkeypatch, chunk):
     if chunk:

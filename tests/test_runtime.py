@@ -6,6 +6,7 @@ import torch
 
 import runtime
 from cli import ConfigError
+from model import GPT, GPTConfig
 from runtime import Dist
 
 
@@ -85,3 +86,32 @@ def test_first_and_agree_share_one_verdict_across_ranks(monkeypatch):
     d = Dist(rank=1, world_size=2)
     assert d.first("bad shard") == "bad shard" and d.first(None) is None
     assert d.agree("mine") == "rank 0's" and Dist().agree("mine") == "mine" and Dist().first(None) is None
+
+
+def test_pick_loss_takes_the_faster_path_on_cpu_and_fused_on_cuda(monkeypatch):
+    """--loss auto: on CPU the faster of the two measured paths (timing stubbed), on CUDA fused without
+    measuring (the plain path's full logits could not fit); an explicit choice is kept. The model follows."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    timed = []
+
+    def seconds(fast):
+        def loss_seconds(m, fused, rows, dtype, device):
+            timed.append((fused, rows, dtype))
+            return 1.0 if fused == fast else 2.0
+        return loss_seconds
+    monkeypatch.setattr(runtime, "loss_seconds", seconds(fast=False))
+    assert runtime.pick_loss("auto", model, 32, "float32", "cpu") == "plain" and model.fused_loss is False
+    assert sorted(timed) == [(False, 32, "float32"), (True, 32, "float32")]
+    monkeypatch.setattr(runtime, "loss_seconds", seconds(fast=True))
+    assert runtime.pick_loss("auto", model, 32, "bfloat16", "cpu") == "fused" and model.fused_loss is True
+    timed.clear()
+    assert runtime.pick_loss("auto", model, 32, "bfloat16", "cuda") == "fused" and timed == []
+    assert runtime.pick_loss("plain", model, 32, "bfloat16", "cpu") == "plain" and timed == []
+    assert model.fused_loss is False
+
+
+def test_loss_seconds_runs_both_paths_and_leaves_no_gradient():
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    for fused in (True, False):
+        assert runtime.loss_seconds(model, fused, 16, "float32", "cpu") > 0 and model.fused_loss is fused
+    assert model.lm_head.weight.grad is None

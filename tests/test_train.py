@@ -17,7 +17,7 @@ from train_gpt2 import get_lr
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--seq_len", "64",
         "--batch_size", "4", "--total_batch_size", "512", "--max_lr", "3e-3", "--min_lr", "3e-4",
         "--warmup_steps", "5", "--val_steps", "4", "--dtype", "float32", "--hellaswag_interval", "0",
-        "--sample_interval", "0"]
+        "--sample_interval", "0", "--loss", "fused"]  # fixed: runs compared would each measure (auto) for themselves
 
 
 def run(args, **kw):
@@ -57,6 +57,8 @@ def test_help_lists_every_field_with_its_default():
     (["--dtype", "float16"], "--dtype: expected auto, bfloat16 or float32"),
     (["--seq_len", "2048"], "--seq_len 2048 is longer than --block_size 1024"),
     (["--init_from", "gpt5"], "--init_from: 'gpt5'"),
+    (["--loss", "fast"], "--loss: expected auto, fused or plain, got 'fast'"),
+    (["--time_budget", "nan"], "--time_budget: must be a finite number"),
 ])
 def test_bad_values_exit_2_with_one_line(args, message):
     r = run(args + ["--device", "cpu"])
@@ -341,6 +343,20 @@ def test_resume_keeps_the_checkpoints_measured_dtype(tmp_path, shakespeare_dir, 
     assert code == 0 and "dtype float32" in out_text, err
     code, out_text, err = train_main(args + ["--max_steps", 6, "--resume", "auto", "--dtype", "bfloat16"], capsys)
     assert code == 0 and "dtype bfloat16" in out_text and "was trained with --dtype float32" in out_text, err
+
+
+def test_resume_keeps_the_checkpoints_measured_loss_path(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """--loss auto measures at every start, like --dtype: a resume keeps the recorded path."""
+    import runtime
+    out = tmp_path / "out"
+    monkeypatch.setattr(runtime, "loss_seconds", lambda m, fused, *a: 2.0 if fused else 1.0)  # plain is faster
+    code, text, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--run_steps", 2, "--loss", "auto"), capsys)
+    assert code == 0 and "loss plain" in text, err
+    monkeypatch.setattr(runtime, "loss_seconds", lambda m, fused, *a: 1.0 if fused else 2.0)  # now fused is
+    args = [a for a in tiny(shakespeare_dir, out, "--max_steps", 4, "--resume", "auto") if a not in ("--loss", "fused")]
+    code, text, err = train_main(args, capsys)  # no --loss flag: the recorded choice holds
+    assert code == 0 and "loss plain" in text, err
+    assert json.loads((out / "ckpt_000004" / "trainer.json").read_text())["config"]["loss"] == "plain"
 
 
 def test_bad_rng_or_loader_in_trainer_json_is_one_line(tmp_path, shakespeare_dir, capsys):
@@ -674,3 +690,36 @@ def test_resume_keeps_the_checkpoints_compile_setting(tmp_path, shakespeare_dir,
     i = args.index("--compile")
     code, text, err = train_main(args[:i] + args[i + 2:], capsys)  # no --compile flag: the preset says true
     assert code == 0 and "compile False" in text, err
+
+
+def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """--time_budget: after step BUDGET_PROBE the budget (here a stubbed clock's verdict, 9) becomes max_steps:
+    the cosine ends there, it is logged, recorded in the checkpoint, and a resume continues to it without
+    timing again, with the losses of the uninterrupted run."""
+    import train_gpt2
+    from config import BUDGET_PROBE
+    calls = []
+
+    def budget(cfg, step, elapsed, step_seconds, grad_accum):
+        calls.append((step, grad_accum))
+        assert elapsed > 0 and step_seconds > 0
+        return 9
+    monkeypatch.setattr(train_gpt2, "budget_steps", budget)
+    args = ["--time_budget", 60, "--max_steps", 1000, "--warmup_steps", 2]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    code, text, err = train_main(tiny(shakespeare_dir, whole, *args), capsys)
+    assert code == 0 and calls == [(BUDGET_PROBE, 2)] and "--time_budget 60 s: max_steps 9" in text, err
+    losses = metrics(whole, "train_loss")
+    assert [s for s, _ in losses] == list(range(9)) and (BUDGET_PROBE, 9) in metrics(whole, "max_steps")
+    lrs = dict(metrics(whole, "lr"))
+    cfg = parse_args(tiny(shakespeare_dir, whole, *args))
+    cfg.max_steps = 9
+    assert lrs[8] == pytest.approx(get_lr(8, cfg)) and lrs[8] < lrs[7]  # the cosine ends at step 8, not 999
+    assert json.loads((whole / "ckpt_000009" / "trainer.json").read_text())["config"]["max_steps"] == 9
+
+    assert train_main(tiny(shakespeare_dir, part, *args, "--run_steps", 7), capsys)[0] == 0
+    calls.clear()
+    code, text, err = train_main(tiny(shakespeare_dir, part, "--time_budget", 60, "--warmup_steps", 2,
+                                      "--resume", "auto"), capsys)  # no --max_steps: the recorded 9 holds
+    assert code == 0 and calls == [], err  # no second timing: the checkpoint's max_steps (9) is kept
+    assert metrics(part, "train_loss") == losses
