@@ -8,9 +8,10 @@
     python bench.py quality                  # 5 minutes of our Shakespeare preset, then 5 of build-nanogpt's recipe
 
 train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
-(torch.compile on, fused loss, fused AdamW), of our model eager, and of Hugging Face GPT2LMHeadModel
-(attn_implementation="sdpa") eager and compiled: same shapes, weights, batch and precision (--dtype auto
-picks what train_gpt2.py would). Goals on CPU: ours >= 1.2x HF compiled and >= 3x HF eager. On CUDA
+(torch.compile on, the loss path --loss auto measures, fused AdamW), of our model eager (fused loss, and
+plain), and of Hugging Face GPT2LMHeadModel (attn_implementation="sdpa") eager and compiled: same shapes, weights, batch and precision (--dtype auto
+picks what train_gpt2.py would). Goals on CPU of either kind: ours >= 1.05x HF compiled, and ours at >= 90%
+of this machine's rate on the step's largest matmul (the head's). On CUDA
 also MFU; goal >= 50% on an H100.
 generate: our KV-cache `generate` against recomputing the context every token (as build-nanogpt
 samples) and against HF `generate` with its cache (greedy, same weights). Goals: >= 5x, >= 1x.
@@ -43,7 +44,7 @@ from torch.nn import functional as F
 
 from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
 from cli import ConfigError, OneLineParser, check_out_file, run_main
-from runtime import make_autocast, pick_dtype, resolve_device
+from runtime import make_autocast, pick_dtype, pick_loss, resolve_device
 
 WHAT = ("train", "generate", "loader", "tokenize", "quality")
 DEFAULT = WHAT[:4]  # quality takes minutes: only when named
@@ -120,11 +121,12 @@ def bench_train(args, device, dtype):
     ours_compiled.load_state_dict(ours_eager.state_dict())
     x, y = torch.randint(0, 50257, (2, args.batch, args.seq_len), device=device)
     autocast = make_autocast(dtype, device)
+    loss_path = pick_loss("auto", ours_compiled, args.batch * args.seq_len, dtype, device)  # as train_gpt2.py picks
 
     def unfused_loss(m):  # what the fused loss replaces: the full logits, then cross-entropy on them
         return F.cross_entropy(m.lm_head(m.hidden_states(x)).flatten(0, 1).float(), y.flatten())
     models = {  # name: (module with parameters, the callable that trains, loss of (model, x, y))
-        "ours (as trained: compiled)": (ours_compiled, torch.compile(ours_compiled), lambda m: m(x, y)[1]),
+        "ours (as trained: compiled)": (ours_compiled, torch.compile(ours_compiled, dynamic=False), lambda m: m(x, y)[1]),
         "ours eager": (ours_eager, ours_eager, lambda m: m(x, y)[1]),
         "ours eager, unfused loss": (ours_eager, ours_eager, unfused_loss),
         "HF sdpa eager": (hf, hf, lambda m: m(input_ids=x, labels=y).loss),
@@ -164,20 +166,23 @@ def bench_train(args, device, dtype):
     if device_type == "cuda":
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
     print(f"train: {args.n_layer}L/{args.n_head}H/{args.n_embd}, vocab 50304, B={args.batch}, T={args.seq_len}, "
-          f"{device}, {dtype}, fwd+bwd+AdamW, median of {args.repeats}x{args.steps} steps")
+          f"{device}, {dtype}, fwd+bwd+AdamW, median of {args.repeats}x{args.steps} steps; as trained: {loss_path} loss")
     print(f"  a ({tokens} x {args.n_embd}) @ ({args.n_embd} x 50304) matmul here: {mm_flops / 1e9:.1f} GFLOP/s")
     mem_label = "peak alloc +" if device_type == "cuda" else "peak RSS +"
     for name, r in rate.items():
         mfu = f"  MFU {flops * r / peak_flops:5.1%}" if peak_flops else ""
         mem = f"{memory[name] / 2**20:8.0f} MiB" if memory[name] is not None else "       n/a"
         print(f"  {name:<28} {r:9.1f} tok/s  {flops * r / mm_flops:4.0%} of matmul speed  {mem_label} {mem}{mfu}")
-    pairs = {"ours_vs_hf_compiled": ("ours (as trained: compiled)", "HF sdpa compiled", " (goal >= 1.2x)"),
+    pairs = {"ours_vs_hf_compiled": ("ours (as trained: compiled)", "HF sdpa compiled", " (goal >= 1.05x)"),
              "ours_vs_hf_eager": ("ours (as trained: compiled)", "HF sdpa eager", " (goal >= 3x)"),
              "ours_eager_vs_hf_eager": ("ours eager", "HF sdpa eager", ""),
              "fused_vs_unfused_loss": ("ours eager", "ours eager, unfused loss", "")}
     ratios = {k: rate[a] / rate[b] for k, (a, b, _) in pairs.items() if a in rate and b in rate}
     print("  " + ", ".join(f"{pairs[k][0]} / {pairs[k][1]} {r:.2f}x{pairs[k][2]}" for k, r in ratios.items()))
-    return {"config": {**vars(args), "device": device, "dtype": dtype}, "tokens_per_sec": rate,
+    as_trained = "ours (as trained: compiled)"
+    if as_trained in rate:
+        print(f"  {as_trained}: {flops * rate[as_trained] / mm_flops:.0%} of the matmul's speed (goal >= 90%)")
+    return {"config": {**vars(args), "device": device, "dtype": dtype, "loss": loss_path}, "tokens_per_sec": rate,
             "peak_memory_bytes": memory, "ratios": ratios, "flops_per_token": flops, "matmul_flops_per_sec": mm_flops,
             **({"mfu": {n: flops * r / peak_flops for n, r in rate.items()}} if peak_flops else {})}
 
