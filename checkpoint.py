@@ -5,8 +5,9 @@
       train_config.json      the TrainConfig of the run
       config.json, model.safetensors     the final model (Hugging Face GPT-2 format)
       ckpt_000250/           config.json + model.safetensors (HF format), trainer.pt (optimizer, padded
-                             vocab rows, torch RNGs), trainer.json (step, loader position, python/numpy RNGs,
-                             TrainConfig); written as .tmp_ckpt_000250/ and renamed into place when complete
+                             vocab rows, torch RNGs, float16's loss scaler), trainer.json (step, loader position,
+                             python/numpy RNGs, TrainConfig); written as .tmp_ckpt_000250/ and renamed into place
+                             when complete
 
 load_model(init_from) takes a GPT-2 name, an HF dir, a ckpt_* dir or an out_dir (its final model, else its
 newest complete checkpoint): the one place any script turns --init_from into a model.
@@ -60,8 +61,9 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, n) for n in names if not missing_files(os.path.join(out_dir, n))]
 
 
-def save_checkpoint(cfg, step, model, optimizer, loader, d):
-    """Write cfg.out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state.
+def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
+    """Write cfg.out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state (with float16's loss
+    scaler: its scale and growth tracker, so a resumed run scales, and skips, as the uninterrupted one would).
 
     Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes into a temporary
     directory, renames it into place when complete, then prunes to the newest cfg.keep_last.
@@ -80,7 +82,8 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d):
     try:
         model.save_pretrained(tmp, vocab_size=vocab)
         torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
-                    "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs]}, os.path.join(tmp, "trainer.pt"))
+                    "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs],
+                    "scaler": scaler.state_dict() if scaler is not None else {}}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
                        "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
@@ -97,8 +100,9 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d):
         shutil.rmtree(old)
 
 
-def load_checkpoint(path, model, optimizer, loader, d):
-    """Restore weights, optimizer, loader position and this rank's RNGs; return the step to start at."""
+def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
+    """Restore weights, optimizer, loader position, this rank's RNGs and the loss scaler's state (where both the
+    checkpoint and this run have one: float16); return the step to start at."""
     missing = missing_files(path)
     if missing:
         raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
@@ -122,6 +126,8 @@ def load_checkpoint(path, model, optimizer, loader, d):
         sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
         load_checked(model, sd, source=path)
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):  # {}: written by a bfloat16/float32 run or before float16
+            scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     loader.load_state_dict(loader_state)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from checkpoint import list_checkpoints, missing_files
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool
 from model import MODEL_SHAPES
-from runtime import resolve_device
+from runtime import DTYPES, check_float16, resolve_device
 
 
 @dataclass
@@ -20,7 +20,7 @@ class TrainConfig:
     data_dir: str = "data/shards/edufineweb"
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float32 (auto: see pick_dtype)
+    dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float16 | float32 (auto: see pick_dtype)
     compile: bool = True
     loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: measured at start, see runtime.pick_loss)
     seed: int = 1337
@@ -83,6 +83,9 @@ PRESETS = {
         eval_interval=20, val_steps=10, hellaswag_interval=0, sample_interval=50, sample_prompt="ROMEO:\n",
         sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
 }
+CHOICES = {"preset": f"; presets: {', '.join(PRESETS)}",  # what --help adds to a flag's default
+           "dtype": f"; one of {', '.join(DTYPES)} (auto: bfloat16 on GPUs with native bf16, float16 on older ones "
+                    "such as T4 and V100, on CPU the faster of bfloat16 and float32)"}
 PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
                 "finetune": "python data/fineweb.py --input YOUR_TEXT --out_dir {data_dir}"}
 
@@ -93,7 +96,7 @@ def parse_args(argv=None, doc=None):
     for f in fields(TrainConfig):
         kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.name.upper(),
-                            help=f"default: {f.default!r}" + (f"; presets: {', '.join(PRESETS)}" if f.name == "preset" else ""))
+                            help=f"default: {f.default!r}" + CHOICES.get(f.name, ""))
     args = parser.parse_args(argv)
     preset = args.preset or TrainConfig.preset
     if preset not in PRESETS:
@@ -111,8 +114,10 @@ def validate(cfg, world_size):
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
-    resolve_device(cfg.device)
-    need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
+    device = resolve_device(cfg.device)
+    need(cfg.dtype in DTYPES, f"--dtype: expected {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {cfg.dtype!r}")
+    if cfg.dtype == "float16":
+        check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

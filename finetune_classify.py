@@ -29,7 +29,7 @@ from data.fineweb import parse_json_line, text_field_of
 from data.shards import DataError
 from data.tokenizer import EOT, get_encoding
 from model import GPT, config_to_hf, configure_optimizers, ours_to_hf, read_hf, write_hf_dir
-from runtime import make_autocast, pick_dtype, resolve_device
+from runtime import DTYPES, check_float16, make_autocast, make_scaler, pick_dtype, resolve_device
 
 EXTENSIONS = (".csv", ".jsonl")
 TRAINABLE = {"head": ("score.",), "last_block": ("score.", "transformer.h.{last}.", "transformer.ln_f."), "all": ("",)}
@@ -241,7 +241,7 @@ def load_splits(args):
     return names, splits
 
 
-def train(args, device, autocast):
+def train(args, device, autocast, scaler):
     names, splits = load_splits(args)
     model = load_model(args.init_from, GPTClassifier.from_pretrained, num_labels=len(names))
     generic = [[str(i) for i in range(len(names))], [f"LABEL_{i}" for i in range(len(names))]]
@@ -277,9 +277,11 @@ def train(args, device, autocast):
             with autocast:
                 loss = F.cross_entropy(model(idx, mask).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # float16 only: loss scaling (runtime.make_scaler); else as is
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # frozen ones have no grad
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             step, loss_sum = step + 1, loss_sum + loss.item() * len(y)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -326,7 +328,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help=f"AdamW lr (default by --trainable: {DEFAULT_LR})")
     p.add_argument("--trainable", default="all", choices=list(TRAINABLE))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype (auto: see train_gpt2.py --help)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--predict", help="print the label of this text by a saved classifier")
     args = p.parse_args(argv)
@@ -347,8 +349,13 @@ def run(args):
         raise ConfigError("finetune_classify.py runs in one process; start it with python, not torchrun")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    autocast = make_autocast(pick_dtype(args.dtype, device), device)
-    (predict if args.predict is not None else train)(args, device, autocast)
+    dtype = pick_dtype(args.dtype, device)
+    if dtype == "float16":
+        check_float16(device)
+    if args.predict is not None:
+        predict(args, device, make_autocast(dtype, device))
+    else:
+        train(args, device, make_autocast(dtype, device), make_scaler(dtype, device))
 
 
 def main(argv=None):

@@ -72,6 +72,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     logits are made, reduced to the loss and, in the same pass, turned into the gradients
     (softmax - onehot) @ weight and its transpose (as Liger-Kernel's fused linear cross-entropy does);
     backward only scales them. Matmuls run in `dtype` (the autocast dtype), softmax in float32.
+
+    (softmax - onehot) enters the matmuls in `dtype` without the 1/n_valid of the mean: its entries lie in
+    [-1, 1], and the division comes after, in float32. Divided first, float16 (nothing below 6e-8, and only
+    2^-24 steps below 6.1e-5) would flush most of it to zero: (softmax - onehot) / 65,536 for 64 x 1024 tokens
+    is ~3e-10 per entry at GPT-2's initial softmax of 1/50304, and the loss scale cannot help, as it only
+    multiplies these gradients in backward. The matmul outputs stay in float16's range: |g @ W| <= 2 max|W|
+    per entry, |g.T @ x| <= rows * max|x| (rows ~5,300 per chunk at vocab 50304), so float16 overflows only if
+    ln_f's output exceeded 12 in one channel across a chunk's rows that all share one target; the gradient is
+    then inf, the loss scaler skips the step, and the trainer stops once the scale falls below 1.
     """
 
     @staticmethod
@@ -80,7 +89,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum().clamp(min=1)
         xc, wc = x.to(dtype), weight.to(dtype)
         losses = torch.empty(x.size(0), device=x.device)  # (N,)
-        grad_x = torch.empty_like(xc) if needs_grad else None  # (N, C)
+        grad_x = torch.empty(x.shape, device=x.device) if needs_grad else None  # (N, C), float32
         grad_w = torch.zeros(weight.shape, device=x.device) if needs_grad else None  # (V, C), float32
         n_chunks = -(-x.size(0) * weight.size(0) // LOGITS_CHUNK)  # ceil: chunks of at most LOGITS_CHUNK logits
         rows = -(-x.size(0) // n_chunks)
@@ -91,11 +100,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             losses[s] = lse - logits.gather(1, t).squeeze(1)
             if needs_grad:  # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows
                 g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logits.dtype))
-                g = g.mul_((valid[s] / n_valid)[:, None]).to(dtype)  # (n, V)
+                g = g.mul_(valid[s, None]).to(dtype)  # (n, V), in [-1, 1]: / n_valid comes after the matmuls
                 grad_x[s] = g @ wc
                 grad_w += g.t() @ xc[s]
         if needs_grad:
-            ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_x.div_(n_valid).to(x.dtype), grad_w.div_(n_valid).to(weight.dtype))
         return (losses * valid).sum() / n_valid
 
     @staticmethod

@@ -1,19 +1,23 @@
 """Where a script runs: the device, the autocast dtype, and the ranks of a torchrun job.
 
     d = setup_dist("auto")                  # Dist(rank, local_rank, world_size, device); one process: rank 0 of 1
-    dtype = pick_dtype("auto", d.device)    # bfloat16 on CUDA; on CPU whichever multiplies faster here
+    dtype = pick_dtype("auto", d.device)    # bfloat16 on recent GPUs, float16 on T4/V100; CPU: the faster
+    scaler = make_scaler(dtype, d.device)   # float16's loss scaling; a pass-through for the other dtypes
     with make_autocast(dtype, d.device):
         ...
 """
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from cli import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's values
 
 
 def resolve_device(device):
@@ -53,7 +57,12 @@ def matmul_seconds(dtype, device, repeats=7):
 
 
 def pick_dtype(dtype, device):
-    """'auto' -> bfloat16 on CUDA; elsewhere whichever of bfloat16 and float32 multiplies faster here.
+    """'auto' -> on CUDA bfloat16 where the GPU has it natively (Ampere, sm_80, and later), else float16 (T4, V100,
+    Colab's free GPUs); elsewhere whichever of bfloat16 and float32 multiplies faster here.
+
+    torch.cuda.is_bf16_supported() says yes by default also where bf16 is only emulated (sm_75 and older), slowly
+    and without bf16 tensor-core kernels: including_emulation=False asks about the hardware. It asks the current
+    device, which setup_dist sets to the rank's GPU under torchrun.
 
     CPUs without native bf16 (AVX2 only) run bf16 matmuls ~200x slower than fp32; those with
     AVX512-BF16 or AMX run them faster. A 256^3 matmul in each settles it in milliseconds.
@@ -61,14 +70,48 @@ def pick_dtype(dtype, device):
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
-        return "bfloat16"
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     faster = matmul_seconds(torch.bfloat16, device) < matmul_seconds(torch.float32, device)
     return "bfloat16" if faster else "float32"
 
 
 def make_autocast(dtype, device):
-    """The context the forward passes run in: bf16 autocast when dtype is 'bfloat16', else a no-op."""
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    """The context the forward passes run in: autocast to bfloat16 or float16, a no-op for float32."""
+    low = dtype in ("bfloat16", "float16")
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype) if low else torch.bfloat16,
+                          enabled=low)
+
+
+def make_scaler(dtype, device, init_scale=2.0**16):
+    """torch.amp.GradScaler for float16, disabled (every call a pass-through) for bfloat16 and float32.
+
+    float16 overflows past 65504 and has nothing below 6e-8, where small gradients vanish: the loss is multiplied by
+    the scale before backward (scale), and the gradients divided by it before clipping (unscale_). step() skips a
+    step whose gradients hold an inf or nan, and update() then halves the scale (2000 clean steps double it). With
+    the fused AdamW (CPU and CUDA) the skip is decided on the device, so nothing waits for the GPU before the step;
+    with another optimizer step() reads found_inf back (one sync).
+    """
+    return torch.amp.GradScaler(device.split(":")[0], init_scale=init_scale, enabled=dtype == "float16")
+
+
+def check_float16(device):
+    """--dtype float16 needs float16 autocast and loss scaling on the device: one scaled step of a tiny layer now,
+    so that a torch or device without them stops in one line, before any data or model is loaded."""
+    try:
+        with warnings.catch_warnings():  # autocast warns and disables itself for a dtype the device lacks
+            warnings.simplefilter("ignore")
+            w, scaler = torch.ones(4, 4, device=device, requires_grad=True), make_scaler("float16", device)
+            with make_autocast("float16", device):
+                out = torch.ones(2, 4, device=device) @ w  # (2, 4)
+            if out.dtype != torch.float16 or not scaler.is_enabled():
+                raise RuntimeError(f"autocast gave {out.dtype}, GradScaler enabled: {scaler.is_enabled()}")
+            scaler.scale(out.float().sum()).backward()
+            scaler.step(torch.optim.SGD([w], lr=0.1))
+            scaler.update()
+    except Exception as e:
+        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(f"--dtype float16: float16 autocast with loss scaling does not work on {device} with torch "
+                          f"{torch.__version__} ({type(e).__name__}: {line[:200]}); use --dtype bfloat16 or float32") from None
 
 
 @dataclass

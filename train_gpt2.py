@@ -34,7 +34,7 @@ from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
-from runtime import check_compile, compiled_graphs, make_autocast, pick_dtype, pick_loss, setup_dist
+from runtime import check_compile, compiled_graphs, make_autocast, make_scaler, pick_dtype, pick_loss, setup_dist
 
 
 def get_lr(step, cfg):
@@ -154,7 +154,7 @@ def train(cfg):
     compiled = torch.compile(model, dynamic=False) if cfg.compile else model
     ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
-    autocast = make_autocast(cfg.dtype, d.device)
+    autocast, scaler = make_autocast(cfg.dtype, d.device), make_scaler(cfg.dtype, d.device)
     enc = get_encoding()
     hs_items = hellaswag.prepare(hs_examples, enc)  # tokenized once, scored at every HellaSwag eval
 
@@ -168,7 +168,8 @@ def train(cfg):
     flops_per_token = model.flops_per_token(T)
     step_times = []
 
-    start = load_checkpoint(ckpt, model, optimizer, train_loader, d) if ckpt else 0
+    start = load_checkpoint(ckpt, model, optimizer, train_loader, d, scaler) if ckpt else 0
+    scale = scaler.get_scale()  # float16's loss scale (1.0 otherwise)
     if ckpt:
         d.print0(f"resumed from {ckpt} at step {start}")
     end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
@@ -207,29 +208,38 @@ def train(cfg):
                     _, loss = ddp_model(x, y)
                 loss = loss / grad_accum
                 loss_sum += loss.detach().float()
-                loss.backward()
+                scaler.scale(loss).backward()  # float16: times the loss scale, so small gradients survive
+        scaler.unscale_(optimizer)  # float16: the true gradients, for the norm and clipping
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)  # float16: skipped if a gradient overflowed (inf/nan), decided on the device
+        scaler.update()
         if device_type == "cuda":
             torch.cuda.synchronize()
         # read back only now: an .item() before optimizer.step() would stall the GPU queue every step
         train_loss, norm = d.mean(loss_sum).item(), norm.item()
+        prev_scale, scale = scale, scaler.get_scale()
+        skipped = scale < prev_scale  # update() lowers the scale exactly when step() skipped an overflow
         dt = time.time() - t0
-        if not (math.isfinite(train_loss) and math.isfinite(norm)):
+        if not (math.isfinite(train_loss) and (math.isfinite(norm) or skipped)) or scale < 1:
             newest = (list_checkpoints(cfg.out_dir) or ["none"])[-1]
-            raise TrainingError(f"step {step}: loss {train_loss}, grad norm {norm}: training diverged; stopped without "
-                                f"saving (newest checkpoint: {newest}); try a lower --max_lr")
+            what = f"loss {train_loss}, grad norm {norm}" + (f", loss scale {scale:g}" if scaler.is_enabled() else "")
+            hint = "float16 overflows even unscaled: use --dtype bfloat16 or float32" if scale < 1 else "try a lower --max_lr"
+            raise TrainingError(f"step {step}: {what}: training diverged; stopped without saving (newest checkpoint: "
+                                f"{newest}); {hint}")
         step_times.append(dt)
         tok_per_sec = cfg.total_batch_size / dt
         mfu = flops_per_token * tok_per_sec / (peak * W) if peak else None
         eta = sum(step_times[-20:]) / len(step_times[-20:]) * (cfg.max_steps - step - 1)
         d.print0(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
                  f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta / 60:.1f} min")
-        log.write(step=step, train_loss=train_loss, lr=lr, norm=norm, dt_ms=dt * 1000, tokens_per_sec=tok_per_sec,
-                  **({"mfu": mfu} if mfu else {}))
+        if skipped:
+            d.print0(f"step {step:5d} | fp16 overflow: step skipped, loss scale -> {scale:g}")
+        log.write(step=step, train_loss=train_loss, lr=lr, **({"skipped": True} if skipped else {"norm": norm}),
+                  dt_ms=dt * 1000, tokens_per_sec=tok_per_sec, **({"mfu": mfu} if mfu else {}),
+                  **({"loss_scale": scale} if scaler.is_enabled() else {}))
         if cfg.time_budget and step == BUDGET_PROBE:  # rank 0's clock decides for all ranks
             cfg.max_steps = d.agree(budget_steps(cfg, step, time.time() - t_run, statistics.median(step_times[1:] or step_times),
                                                  grad_accum))
@@ -237,7 +247,7 @@ def train(cfg):
             d.print0(f"--time_budget {cfg.time_budget:g} s: max_steps {cfg.max_steps} (recorded in checkpoints)")
             log.write(step=step, max_steps=cfg.max_steps)
         if (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0) or step + 1 == end:
-            save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d)
+            save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d, scaler)
         step += 1
 
     if step_times:

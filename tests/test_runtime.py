@@ -36,8 +36,9 @@ def test_pick_dtype_on_cuda_or_given_a_dtype_measures_nothing(monkeypatch):
     def measure(dtype, device):
         raise AssertionError(f"measured {dtype} on {device}")
     monkeypatch.setattr(runtime, "matmul_seconds", measure)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # sm_80 or newer
     assert runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1") == "bfloat16"
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         for device in ("cpu", "cuda", "mps"):
             assert runtime.pick_dtype(dtype, device) == dtype
 

@@ -46,6 +46,7 @@ def test_help_lists_every_field_with_its_default():
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in out
     assert "default: 524288" in out and "shakespeare" in out
+    assert "one of auto, bfloat16, float16, float32" in " ".join(out.split())  # --dtype's values (help wraps lines)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,7 +55,7 @@ def test_help_lists_every_field_with_its_default():
     (["--total_batch_size", "1000", "--batch_size", "4", "--seq_len", "64"], "not divisible by batch_size*seq_len*world_size"),
     (["--compile", "maybe"], "expected true or false"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
-    (["--dtype", "float16"], "--dtype: expected auto, bfloat16 or float32"),
+    (["--dtype", "fp8"], "--dtype: expected auto, bfloat16, float16 or float32, got 'fp8'"),
     (["--seq_len", "2048"], "--seq_len 2048 is longer than --block_size 1024"),
     (["--init_from", "gpt5"], "--init_from: 'gpt5'"),
     (["--loss", "fast"], "--loss: expected auto, fused or plain, got 'fast'"),
@@ -90,7 +91,8 @@ def test_lr_schedule():
     assert get_lr(100, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
 
 
-def test_pick_dtype():
+def test_pick_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100 or newer
     assert pick_dtype("float32", "cpu") == "float32" and pick_dtype("auto", "cuda") == "bfloat16"
     assert pick_dtype("auto", "cpu") in ("bfloat16", "float32")
 
