@@ -47,7 +47,7 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
 def test_unknown_benchmark_is_one_line_exit_2():
     r = bench("trian")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == \
-        ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize"]
+        ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize, quality"]
 
 
 @pytest.mark.parametrize("args, message", [

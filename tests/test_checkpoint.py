@@ -409,3 +409,21 @@ def test_resaving_a_step_survives_a_stale_old_dir(small_ckpt):
     open(os.path.join(stale, "trainer.pt"), "w").close()
     checkpoint.save_checkpoint(cfg, 1, model, optimizer, loader, d)
     assert list_checkpoints(cfg.out_dir) == [path] and not os.path.exists(stale)
+
+
+def test_interrupted_line_before_and_after_the_first_checkpoint(tmp_path):
+    """What Ctrl-C prints: with a checkpoint, it and the command that continues; before the first one, that
+    there is none and how to start over; before the flags were even parsed, just 'interrupted'."""
+    from checkpoint import interrupted_line
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = parse_args(["--out_dir", str(out), "--ckpt_interval", "50"])
+    argv = ["--ckpt_interval", "50", "--overwrite", "true", "--out_dir", str(out)]
+    assert interrupted_line(argv, cfg) == ("interrupted; no checkpoint was written yet (--ckpt_interval 50); "
+                                           "start over with --overwrite true")
+    for name in ("config.json", "model.safetensors", "trainer.pt", "trainer.json"):
+        (out / "ckpt_000050").mkdir(exist_ok=True)
+        (out / "ckpt_000050" / name).write_text("x")
+    assert interrupted_line(argv, cfg) == (f"interrupted; newest checkpoint {out}/ckpt_000050; continue with: "
+                                           f"python train_gpt2.py --ckpt_interval 50 --out_dir {out} --resume auto")
+    assert interrupted_line(argv, None) == "interrupted"

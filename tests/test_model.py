@@ -42,7 +42,7 @@ def test_logits_and_loss_match_hf(tiny_hf):
     torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8], ids=str)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8], ids=str)
 def test_sliced_integer_and_1d_inputs_match_hf(tiny_hf, dtype):
     """What users pass: idx[:, :-1] and idx[:, 1:] (non-contiguous views), any integer dtype, one sequence (T,)."""
     hf, path = tiny_hf
