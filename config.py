@@ -22,6 +22,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float32 (auto: see pick_dtype)
     compile: bool = True
+    parallel: str = "ddp"  # ddp | fsdp: how torchrun's ranks share the model (FSDP2 shards weights, grads, AdamW)
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -111,6 +112,10 @@ def validate(cfg, world_size):
             raise ConfigError(msg)
     resolve_device(cfg.device)
     need(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype: expected auto, bfloat16 or float32, got {cfg.dtype!r}")
+    need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
+    need(cfg.parallel == "ddp" or world_size > 1, f"--parallel fsdp: needs torchrun with 2 or more processes (this "
+         f"run has {world_size}): torchrun --standalone --nproc_per_node=N train_gpt2.py ...; one process needs no "
+         f"wrapping (--parallel ddp)")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")

@@ -301,16 +301,17 @@ class GPT(nn.Module):
         load_checked(model, hf_to_ours(sd), source=source)
         return model
 
-    def save_pretrained(self, path, vocab_size=None):
+    def save_pretrained(self, path, vocab_size=None, state_dict=None):
         """Write `path/config.json` and `path/model.safetensors` in Hugging Face GPT-2 format.
 
         vocab_size crops a padded vocabulary (e.g. 50304 -> 50257) so HF's tokenizer and generate work.
+        state_dict: the weights to write, by default self.state_dict() (a sharded model passes its gathered one).
         Each file is written under a temporary name and renamed into place.
         """
         if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 has biases: a bias=False model cannot be exported")
         vocab_size = vocab_size or self.config.vocab_size
-        sd = ours_to_hf(self.state_dict())
+        sd = ours_to_hf(self.state_dict() if state_dict is None else state_dict)
         sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:vocab_size]
         write_hf_dir(path, sd, config_to_hf(self.config, vocab_size))
 
@@ -479,6 +480,13 @@ def write_hf_dir(path, sd, config):
 
 def load_checked(model, sd, source="state dict"):
     """Copy sd into model, raising one error that lists every missing, unexpected or mis-shaped key."""
+    check_fits(model, sd, source)
+    model.load_state_dict(sd)
+
+
+def check_fits(model, sd, source="state dict"):
+    """Raise one ValueError listing every key of sd that is missing, unexpected or mis-shaped for model
+    (a sharded model's state_dict gives each tensor's full shape, so this checks it too)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -487,7 +495,6 @@ def load_checked(model, sd, source="state dict"):
         parts = [f"{name}: {', '.join(items)}" for name, items in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if items]
         raise ValueError(f"{source}: weights do not fit GPT({model.config}): " + "; ".join(parts))
-    model.load_state_dict(sd)
 
 
 def param_counts(config):
