@@ -165,6 +165,7 @@ class Wrapped(NamedTuple):
     train: torch.nn.Module  # the training forward: DDP(compiled), the compiled FSDP model, or compiled
     eval: torch.nn.Module  # val loss and HellaSwag forwards: the compiled model (without DDP's hooks)
     sync: Callable[[bool], None]  # sync(False): the next backward keeps its gradients local (a micro step)
+    release: Callable[[], None]  # before destroy_process_group: drop our references to the process group
 
 
 def wrap_model(model, parallel, compile, d):
@@ -179,6 +180,8 @@ def wrap_model(model, parallel, compile, d):
     sync(flag) is set before each micro step's forward (DDP reads it there): False accumulates locally, True
     (the last micro step) reduces; under FSDP the unsynced gradients are held unsharded (4 bytes/param).
     Shapes are static: every use pads to one shape, and automatic dynamic shapes crash DDP's graph splitting.
+    release(), before destroy_process_group: drops the group from FSDP's device mesh (a private dict), which
+    DTensor's caches keep alive, so that the group's last reference goes and gloo's threads are joined.
     """
     fsdp = parallel == "fsdp" and d.world_size > 1
     if fsdp:
@@ -190,8 +193,8 @@ def wrap_model(model, parallel, compile, d):
         fully_shard(model, mesh=mesh)
     compiled = torch.compile(model, dynamic=False) if compile else model
     if fsdp:
-        return Wrapped(compiled, compiled, model.set_requires_gradient_sync)
+        return Wrapped(compiled, compiled, model.set_requires_gradient_sync, mesh._pg_registry.clear)
     if d.world_size == 1:
-        return Wrapped(compiled, compiled, lambda sync: None)
+        return Wrapped(compiled, compiled, lambda sync: None, lambda: None)
     ddp = DDP(compiled, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
-    return Wrapped(ddp, compiled, lambda sync: setattr(ddp, "require_backward_grad_sync", sync))
+    return Wrapped(ddp, compiled, lambda sync: setattr(ddp, "require_backward_grad_sync", sync), lambda: None)

@@ -77,6 +77,16 @@ def evaluate(model, loader, steps, d, autocast):
     return d.mean(total / steps).item()
 
 
+def forward_backward(model, x, y, grad_accum, autocast):
+    """One micro step: backward of the loss on (x, y) / grad_accum; returns that loss, detached, in float32.
+    (A function of its own, so that the autograd graph, which refers to FSDP's units, ends with it.)"""
+    with autocast:
+        _, loss = model(x, y)
+    loss = loss / grad_accum
+    loss.backward()
+    return loss.detach().float()
+
+
 def sample_text(model, enc, cfg, d, step, num=2):
     """Decode `num` continuations of the fixed prompt with the model's generate (its own RNG, so
     sampling never changes the training run)."""
@@ -196,11 +206,7 @@ def train(cfg):
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             run.sync(micro == grad_accum - 1)  # gradients are reduced across ranks on the last micro step only
-            with autocast:
-                _, loss = run.train(x, y)
-            loss = loss / grad_accum
-            loss_sum += loss.detach().float()
-            loss.backward()
+            loss_sum += forward_backward(run.train, x, y, grad_accum, autocast)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
         lr = get_lr(step, cfg)
@@ -240,9 +246,13 @@ def train(cfg):
         d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
     log.close()
     if W > 1:
-        # DDP holds the group: free it, so that destroy_process_group drops the last reference and joins gloo's
+        # DDP holds the group, and so do FSDP's units and its device mesh: free them (FSDP's hooks form reference
+        # cycles, which gc.freeze kept), so that destroy_process_group drops the last reference and joins gloo's
         # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).
-        del run
+        run.release()
+        del run, model, optimizer
+        gc.unfreeze()
+        gc.collect()
         dist.destroy_process_group()
 
 

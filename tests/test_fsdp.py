@@ -6,6 +6,7 @@ A tiny model (2 layers, 64 wide) in float32 on synthetic shards of ids < 256.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_hellaswag
+from conftest import ROOT, kill_tree, write_hellaswag
 from data.shards import write_shard
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks share the cores
@@ -33,19 +34,23 @@ def start(args, script="train_gpt2.py", nproc=0):
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait(p):
+    """(exit code, stdout, stderr) of a started run; one that hangs is killed with its ranks after TIMEOUT."""
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_tree(p.pid)
+        out, err = p.communicate(timeout=30)
+        err += f"\n[killed after {TIMEOUT} s]"
+    return p.returncode, out, err
+
+
 def finish(*procs):
-    """Wait for each; fail the test with its output if it did not exit 0 (or hung)."""
-    done = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            err += f"\n[killed after {TIMEOUT} s]"
-        assert p.returncode == 0, f"{p.args}\n{out[-2000:]}\n{err[-3000:]}"
-        done.append(out)
-    return done
+    """Wait for all; fail the test with the output of one that did not exit 0. Returns their stdouts."""
+    done = [wait(p) for p in procs]  # all of them first: none is left running when one fails
+    for p, (code, out, err) in zip(procs, done):
+        assert code == 0, f"{p.args}\n{out[-2000:]}\n{err[-3000:]}"
+    return [out for _, out, _ in done]
 
 
 def events(out_dir, key):
@@ -132,7 +137,9 @@ def test_fsdp_checkpoint_has_the_format_of_one_process(pair):
 def resumed(tmp_path_factory, syn_dir):
     """Under --parallel fsdp, 4 steps in one go, and the same 4 as two invocations of 2 (--run_steps 2
     --resume auto) through ckpt_000002. Dropout, shuffled shards, HellaSwag and sampling on; GPT-2's padded
-    vocabulary (50304), so the rows past 50257 travel in trainer.pt. Returns (a, b, stdout of b's resume)."""
+    vocabulary (50304), so the rows past 50257 travel in trainer.pt. The uninterrupted run goes through
+    tests/helpers/flaky_train.py (without a crash), which reports gloo's threads. Returns (a, b, stdouts of a and
+    of b's resume)."""
     tmp = tmp_path_factory.mktemp("resume")
     common = SYN + ["--data_dir", syn_dir, "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2",
                     "--val_steps", "2", "--parallel", "fsdp", "--dropout", "0.1", "--shuffle", "true",
@@ -140,15 +147,16 @@ def resumed(tmp_path_factory, syn_dir):
                     "--sample_interval", "2", "--sample_tokens", "4"]
     a, b = str(tmp / "a"), str(tmp / "b")
     chunk = common + ["--out_dir", b, "--run_steps", "2", "--resume", "auto"]  # the same command twice
-    finish(start(common + ["--out_dir", a], nproc=2), start(chunk, nproc=2))
+    out_a = finish(start(common + ["--out_dir", a], script="tests/helpers/flaky_train.py", nproc=2),
+                   start(chunk, nproc=2))[0]
     assert os.path.isdir(os.path.join(b, "ckpt_000002")) and not os.path.exists(os.path.join(b, "ckpt_000004"))
-    return a, b, finish(start(chunk, nproc=2))[0]
+    return a, b, out_a, finish(start(chunk, nproc=2))[0]
 
 
 def test_fsdp_resume_is_bit_exact(resumed):
     """Interrupted at step 2 and resumed, the run logs exactly the numbers of the uninterrupted one, and ends
     with the same weights: the shards are cut from the gathered state exactly as they were."""
-    a, b, out = resumed
+    a, b, _, out = resumed
     assert f"resumed from {b}/ckpt_000002 at step 2" in out
     for key in ("train_loss", "norm", "lr", "val_loss", "hellaswag_acc_norm", "samples"):
         assert events(a, key) == events(b, key), key
@@ -160,6 +168,16 @@ def test_fsdp_resume_is_bit_exact(resumed):
     assert torch.equal(ta["vocab_pad"], tb["vocab_pad"]) and ta["vocab_pad"].shape == (50304 - 50257, 64)
     sa, sb = ta["optimizer"]["state"], tb["optimizer"]["state"]
     assert all(torch.equal(sa[n][k], sb[n][k]) for n in sa for k in sa[n])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads are counted in /proc (Linux)")
+def test_gloo_threads_end_with_the_run(resumed):
+    """FSDP's units, its device mesh (kept by DTensor's caches) and the autograd graph hold the process group:
+    freed before destroy_process_group, no gloo thread outlives main() (one that does can abort the rank with
+    SIGABRT at interpreter exit, see tests/test_checkpoint.py)."""
+    report = sorted(re.findall(r"rank (\d): (\d+) gloo threads while training, (\d+) after main", resumed[2]))
+    assert [(rank, after) for rank, _, after in report] == [("0", "0"), ("1", "0")], resumed[2][-2000:]
+    assert all(int(during) > 0 for _, during, _ in report), report
 
 
 def test_fsdp_checkpoint_loads_in_hugging_face(resumed):
@@ -210,9 +228,9 @@ def test_bad_parallel_is_one_line(tmp_path, syn_dir, capsys, args, message):
 def test_fsdp_on_one_torchrun_process_is_refused(tmp_path, syn_dir):
     """torchrun --nproc_per_node=1 (WORLD_SIZE 1): the rank exits 2 with the line (torchrun then reports the
     failed rank in its own words)."""
-    p = start(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out"), "--parallel", "fsdp"], nproc=1)
-    _, err = p.communicate(timeout=TIMEOUT)
-    assert p.returncode != 0 and "exitcode  : 2" in err, err[-3000:]
+    code, _, err = wait(start(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out"), "--parallel", "fsdp"],
+                              nproc=1))
+    assert code != 0 and "exitcode  : 2" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert lines == ["error: --parallel fsdp: needs torchrun with 2 or more processes (this run has 1): torchrun "
                      "--standalone --nproc_per_node=N train_gpt2.py ...; one process needs no wrapping "
