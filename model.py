@@ -508,19 +508,23 @@ def param_counts(config):
 
 
 def storage_report(config):
-    """Counts and bytes: weights in fp32 and bf16, and a full fp32 training state (weights, grads, AdamW m and v)."""
+    """Counts and bytes: weights in fp32 and bf16, a full fp32 training state (weights, grads, AdamW m and v), and
+    that state's share on each GPU when FSDP shards it over 8 (DDP keeps all of it on every GPU)."""
     n = param_counts(config)
-    return {**n, "fp32_bytes": 4 * n["total"], "bf16_bytes": 2 * n["total"], "train_state_bytes": 16 * n["total"]}
+    return {**n, "fp32_bytes": 4 * n["total"], "bf16_bytes": 2 * n["total"], "train_state_bytes": 16 * n["total"],
+            "fsdp8_bytes": 16 * n["total"] / 8}
 
 
 def format_report(rows):
     """rows: {name: storage_report} -> a fixed-width table."""
-    head = f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
+    head = (f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
+            f"{'FSDP/GPU x8':>13}")
     lines = [head]
     for name, r in rows.items():
         m, g = (lambda x: f"{x / 1e6:.1f}M"), (lambda x: f"{x / 2**30:.2f}GiB")
         lines.append(f"{name:<13}{m(r['total']):>10}{m(r['untied']):>10}{m(r['non_embedding']):>10}"
-                     f"{g(r['fp32_bytes']):>10}{g(r['bf16_bytes']):>10}{g(r['train_state_bytes']):>13}")
+                     f"{g(r['fp32_bytes']):>10}{g(r['bf16_bytes']):>10}{g(r['train_state_bytes']):>13}"
+                     f"{g(r['fsdp8_bytes']):>13}")
     return "\n".join(lines)
 
 
@@ -554,6 +558,8 @@ def main():
         rows[name] = storage_report(config)
     print(format_report(rows))
     print("train state = fp32 weights + grads + AdamW m and v (16 bytes/param), before activations")
+    print("FSDP/GPU x8 = its share on each GPU under --parallel fsdp on 8 GPUs (DDP: all of it on each), plus the\n"
+          "unsharded fp32 grads (4 bytes/param) while micro steps accumulate")
 
 
 if __name__ == "__main__":
