@@ -142,6 +142,9 @@ def load_checkpoint(path, model, optimizer, loader, d):
         raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not {"optimizer", "vocab_pad", "rng_torch"} <= state.keys():
         raise ConfigError(f"{path}/trainer.pt: not a trainer state (needs optimizer, vocab_pad, rng_torch)")
+    if any(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # optimizer.state_dict()'s numbering
+        raise ConfigError(f"{path}/trainer.pt: optimizer state by position, from before checkpoints named it by "
+                          f"parameter; it cannot be resumed, but its weights can be trained on: --init_from {path}")
     try:
         sd = hf_to_ours(read_hf_dir(path)[1])
         sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])

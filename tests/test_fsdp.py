@@ -7,6 +7,7 @@ A tiny model (2 layers, 64 wide) in float32 on synthetic shards of ids < 256.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -133,6 +134,22 @@ def test_fsdp_checkpoint_has_the_format_of_one_process(pair):
     assert (config[0]["parallel"], config[1]["parallel"]) == ("ddp", "fsdp")
 
 
+def test_checkpoint_with_the_optimizer_state_by_position_is_one_line(pair, tmp_path):
+    """Checkpoints written before the optimizer state was keyed by name (optimizer.state_dict()'s numbers)
+    are refused in one line that says how to use their weights."""
+    one, _, _, common = pair
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(one, "ckpt_000004"), path)
+    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    names = list(state["optimizer"]["state"])
+    state["optimizer"]["state"] = {i: state["optimizer"]["state"][n] for i, n in enumerate(names)}
+    torch.save(state, os.path.join(path, "trainer.pt"))
+    code, _, err = wait(start(common + ["--out_dir", str(tmp_path / "out"), "--resume", path]))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "optimizer state by position" in lines[0], err
+    assert lines[0].endswith(f"--init_from {path}")
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, syn_dir):
     """Under --parallel fsdp, 4 steps in one go, and the same 4 as two invocations of 2 (--run_steps 2
@@ -218,7 +235,7 @@ def test_compile_with_fsdp(pair, tmp_path):
 def test_bad_parallel_is_one_line(tmp_path, syn_dir, capsys, args, message):
     import train_gpt2
     with pytest.raises(SystemExit) as e:  # in this process: no torchrun, so world size 1
-        train_gpt2.main(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")] + args)
+        train_gpt2.main(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out"), "--max_steps", "1"] + args)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), err
@@ -228,8 +245,8 @@ def test_bad_parallel_is_one_line(tmp_path, syn_dir, capsys, args, message):
 def test_fsdp_on_one_torchrun_process_is_refused(tmp_path, syn_dir):
     """torchrun --nproc_per_node=1 (WORLD_SIZE 1): the rank exits 2 with the line (torchrun then reports the
     failed rank in its own words)."""
-    code, _, err = wait(start(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out"), "--parallel", "fsdp"],
-                              nproc=1))
+    code, _, err = wait(start(SYN + ["--data_dir", syn_dir, "--out_dir", str(tmp_path / "out"), "--max_steps", "1",
+                                     "--parallel", "fsdp"], nproc=1))
     assert code != 0 and "exitcode  : 2" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert lines == ["error: --parallel fsdp: needs torchrun with 2 or more processes (this run has 1): torchrun "
