@@ -61,7 +61,7 @@ def list_checkpoints(out_dir):
 
 
 def full_state(model, optimizer=None):
-    """(model state dict, optimizer state dict or None), whole and on the CPU, on rank 0; ({}, {}) on the others.
+    """(model state dict, optimizer state dict or None), whole and on the CPU, on rank 0; empty on the others.
 
     One format whatever the parallelism: under FSDP every tensor is all-gathered from its shards (so every
     rank must call this), a plain or DDP model's are copied. The optimizer's state is keyed by parameter
