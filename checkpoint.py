@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from cli import ConfigError
-from model import GPT, hf_to_ours, load_checked, read_hf_dir
+from model import GPT, check_fits, hf_to_ours, read_hf_dir
 
 CKPT_FILES = ("config.json", "model.safetensors", "trainer.json", "trainer.pt")
 REAL_VOCAB = 50257  # GPT-2's tokens; rows past it are padding for speed
@@ -61,13 +61,38 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, n) for n in names if not missing_files(os.path.join(out_dir, n))]
 
 
+def full_state(model, optimizer=None):
+    """(model state dict, optimizer state dict or None), whole and on the CPU, on rank 0; empty on the others.
+
+    One format whatever the parallelism: under FSDP every tensor is all-gathered from its shards (so every
+    rank must call this), a plain or DDP model's are copied. The optimizer's state is keyed by parameter
+    name ('transformer.h.0.attn.c_attn.weight'), not by position.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
+
+
+def set_full_state(model, optimizer, model_sd, optimizer_sd):
+    """Load full_state's dicts into model and optimizer; under FSDP each rank keeps its shard of them."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
+
+
 def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
     """Write cfg.out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state (with float16's loss
     scaler: its scale and growth tracker, so a resumed run scales, and skips, as the uninterrupted one would).
 
-    Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes into a temporary
-    directory, renames it into place when complete, then prunes to the newest cfg.keep_last.
+    Every rank calls this (the weights of a sharded model and the RNG states of all ranks are gathered);
+    rank 0 writes into a temporary directory, renames it into place when complete, then prunes to the
+    newest cfg.keep_last.
     """
+    weights, optimizer_sd = full_state(model, optimizer)
     rngs = [rng_state()]
     if d.world_size > 1:
         rngs = [None] * d.world_size
@@ -80,8 +105,8 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
     shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
     vocab = min(model.config.vocab_size, REAL_VOCAB)
     try:
-        model.save_pretrained(tmp, vocab_size=vocab)
-        torch.save({"optimizer": optimizer.state_dict(), "vocab_pad": model.lm_head.weight[vocab:].detach().cpu(),
+        model.save_pretrained(tmp, vocab_size=vocab, state_dict=weights)
+        torch.save({"optimizer": optimizer_sd, "vocab_pad": weights["lm_head.weight"][vocab:].clone(),
                     "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs],
                     "scaler": scaler.state_dict() if scaler is not None else {}}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
@@ -121,11 +146,14 @@ def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
         raise ConfigError(f"{path}/trainer.pt: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not {"optimizer", "vocab_pad", "rng_torch"} <= state.keys():
         raise ConfigError(f"{path}/trainer.pt: not a trainer state (needs optimizer, vocab_pad, rng_torch)")
+    if any(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # optimizer.state_dict()'s numbering
+        raise ConfigError(f"{path}/trainer.pt: optimizer state by position, from before checkpoints named it by "
+                          f"parameter; it cannot be resumed, but its weights can be trained on: --init_from {path}")
     try:
         sd = hf_to_ours(read_hf_dir(path)[1])
         sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
-        load_checked(model, sd, source=path)
-        optimizer.load_state_dict(state["optimizer"])
+        check_fits(model, sd, source=path)
+        set_full_state(model, optimizer, sd, state["optimizer"])
         if scaler is not None and state.get("scaler"):  # {}: written by a bfloat16/float32 run or before float16
             scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as e:
@@ -275,9 +303,10 @@ class MetricsLog:
 def start_run(cfg, d):
     """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
 
-    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path and max_steps
-    the checkpoint was trained with (auto measures again at every start and could switch precision; --time_budget
-    derived max_steps from this machine's speed); a flag given on the command line wins, with a note."""
+    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path, parallel and
+    max_steps the checkpoint was trained with (auto measures again at every start and could switch precision;
+    --time_budget derived max_steps from this machine's speed; a model sharded to fit still needs it); a flag
+    given on the command line wins, with a note."""
     lock, ckpt, problem = None, None, None
     if d.master:
         try:
@@ -289,7 +318,7 @@ def start_run(cfg, d):
     if problem:
         raise ConfigError(problem)
     recorded = recorded_config(ckpt) if ckpt else {}
-    for name in ("dtype", "compile", "loss", "max_steps"):
+    for name in ("dtype", "compile", "loss", "parallel", "max_steps"):
         if name in recorded and recorded[name] != getattr(cfg, name):
             if name in getattr(cfg, "given", ()):
                 d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from checkpoint import list_checkpoints, missing_files
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool
 from model import MODEL_SHAPES
-from runtime import DTYPES, check_float16, resolve_device
+from runtime import DTYPES, check_float16, pick_dtype, resolve_device
 
 
 @dataclass
@@ -23,6 +23,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float16 | float32 (auto: see pick_dtype)
     compile: bool = True
     loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: measured at start, see runtime.pick_loss)
+    parallel: str = "ddp"  # ddp | fsdp: how torchrun's ranks share the model (FSDP2 shards weights, grads, AdamW)
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -119,6 +120,18 @@ def validate(cfg, world_size):
     if cfg.dtype == "float16":
         check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
+    need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
+    need(cfg.parallel == "ddp" or world_size > 1, f"--parallel fsdp: needs torchrun with 2 or more processes (this "
+         f"run has {world_size}): torchrun --standalone --nproc_per_node=N train_gpt2.py ...; one process needs no "
+         f"wrapping (--parallel ddp)")
+    # GradScaler checks for inf in each rank's own gradients: FSDP's are shards, so the ranks could disagree on
+    # skipping a step and fall out of step with each other (DDP's are all-reduced, the same on every rank)
+    fp16 = cfg.dtype == "float16" or (cfg.dtype == "auto" and device.startswith("cuda") and
+                                      pick_dtype("auto", device) == "float16")
+    need(not (fp16 and cfg.parallel == "fsdp" and world_size > 1),
+         "--parallel fsdp with float16 (--dtype float16, or auto on a GPU without bf16): the loss scaler's overflow "
+         "check is per rank and FSDP's gradients are sharded, so ranks could disagree on skipping a step; use "
+         "--parallel ddp, or --dtype float32")
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")

@@ -321,16 +321,17 @@ class GPT(nn.Module):
         load_checked(model, hf_to_ours(sd), source=source)
         return model
 
-    def save_pretrained(self, path, vocab_size=None):
+    def save_pretrained(self, path, vocab_size=None, state_dict=None):
         """Write `path/config.json` and `path/model.safetensors` in Hugging Face GPT-2 format.
 
         vocab_size crops a padded vocabulary (e.g. 50304 -> 50257) so HF's tokenizer and generate work.
+        state_dict: the weights to write, by default self.state_dict() (a sharded model passes its gathered one).
         Each file is written under a temporary name and renamed into place.
         """
         if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 has biases: a bias=False model cannot be exported")
         vocab_size = vocab_size or self.config.vocab_size
-        sd = ours_to_hf(self.state_dict())
+        sd = ours_to_hf(self.state_dict() if state_dict is None else state_dict)
         sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:vocab_size]
         write_hf_dir(path, sd, config_to_hf(self.config, vocab_size))
 
@@ -499,6 +500,13 @@ def write_hf_dir(path, sd, config):
 
 def load_checked(model, sd, source="state dict"):
     """Copy sd into model, raising one error that lists every missing, unexpected or mis-shaped key."""
+    check_fits(model, sd, source)
+    model.load_state_dict(sd)
+
+
+def check_fits(model, sd, source="state dict"):
+    """Raise one ValueError listing every key of sd that is missing, unexpected or mis-shaped for model
+    (a sharded model's state_dict gives each tensor's full shape, so this checks it too)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -507,7 +515,6 @@ def load_checked(model, sd, source="state dict"):
         parts = [f"{name}: {', '.join(items)}" for name, items in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if items]
         raise ValueError(f"{source}: weights do not fit GPT({model.config}): " + "; ".join(parts))
-    model.load_state_dict(sd)
 
 
 def param_counts(config):
@@ -521,19 +528,23 @@ def param_counts(config):
 
 
 def storage_report(config):
-    """Counts and bytes: weights in fp32 and bf16, and a full fp32 training state (weights, grads, AdamW m and v)."""
+    """Counts and bytes: weights in fp32 and bf16, a full fp32 training state (weights, grads, AdamW m and v), and
+    that state's share on each GPU when FSDP shards it over 8 (DDP keeps all of it on every GPU)."""
     n = param_counts(config)
-    return {**n, "fp32_bytes": 4 * n["total"], "bf16_bytes": 2 * n["total"], "train_state_bytes": 16 * n["total"]}
+    return {**n, "fp32_bytes": 4 * n["total"], "bf16_bytes": 2 * n["total"], "train_state_bytes": 16 * n["total"],
+            "fsdp8_bytes": 16 * n["total"] / 8}
 
 
 def format_report(rows):
     """rows: {name: storage_report} -> a fixed-width table."""
-    head = f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
+    head = (f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
+            f"{'FSDP/GPU x8':>13}")
     lines = [head]
     for name, r in rows.items():
         m, g = (lambda x: f"{x / 1e6:.1f}M"), (lambda x: f"{x / 2**30:.2f}GiB")
         lines.append(f"{name:<13}{m(r['total']):>10}{m(r['untied']):>10}{m(r['non_embedding']):>10}"
-                     f"{g(r['fp32_bytes']):>10}{g(r['bf16_bytes']):>10}{g(r['train_state_bytes']):>13}")
+                     f"{g(r['fp32_bytes']):>10}{g(r['bf16_bytes']):>10}{g(r['train_state_bytes']):>13}"
+                     f"{g(r['fsdp8_bytes']):>13}")
     return "\n".join(lines)
 
 
@@ -567,6 +578,8 @@ def main():
         rows[name] = storage_report(config)
     print(format_report(rows))
     print("train state = fp32 weights + grads + AdamW m and v (16 bytes/param), before activations")
+    print("FSDP/GPU x8 = its share on each GPU under --parallel fsdp on 8 GPUs (DDP: all of it on each), plus the\n"
+          "unsharded fp32 grads (4 bytes/param) while micro steps accumulate")
 
 
 if __name__ == "__main__":

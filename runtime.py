@@ -5,15 +5,18 @@
     scaler = make_scaler(dtype, d.device)   # float16's loss scaling; a pass-through for the other dtypes
     with make_autocast(dtype, d.device):
         ...
+    run = wrap_model(model, "fsdp", compile=True, d=d)   # run.train(x, y), run.eval(x, y), run.sync(False)
 """
 import logging
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import ConfigError
 
@@ -234,3 +237,43 @@ def pick_loss(loss, model, rows, dtype, device):
             loss = "fused" if fused <= plain else "plain"
     model.fused_loss = loss == "fused"
     return loss
+
+
+class Wrapped(NamedTuple):
+    """The model as the training loop calls it (see wrap_model)."""
+    train: torch.nn.Module  # the training forward: DDP(compiled), the compiled FSDP model, or compiled
+    eval: torch.nn.Module  # val loss and HellaSwag forwards: the compiled model (without DDP's hooks)
+    sync: Callable[[bool], None]  # sync(False): the next backward keeps its gradients local (a micro step)
+    release: Callable[[], None]  # before destroy_process_group: drop our references to the process group
+
+
+def wrap_model(model, parallel, compile, d):
+    """Compile `model` and spread it over torchrun's ranks: the one place a parallelism is applied.
+
+    ddp: each rank holds all of the model; DDP all-reduces the gradients in backward. fsdp (FSDP2's
+    fully_shard): each transformer block, then the root (wte = lm_head, tied, wpe, ln_f), becomes a unit
+    whose weights, gradients and AdamW state are sharded over the ranks; a unit's weights are all-gathered
+    just before its forward and backward, and its gradients reduce-scattered after. The change is in place:
+    `model`'s parameters become DTensor shards, so build the optimizer over `model` after this call, and
+    every rank must join every forward (generate and eval included). One process: compiled only.
+    sync(flag) is set before each micro step's forward (DDP reads it there): False accumulates locally, True
+    (the last micro step) reduces; under FSDP the unsynced gradients are held unsharded (4 bytes/param).
+    Shapes are static: every use pads to one shape, and automatic dynamic shapes crash DDP's graph splitting.
+    release(), before destroy_process_group: drops the group from FSDP's device mesh (a private dict), which
+    DTensor's caches keep alive, so that the group's last reference goes and gloo's threads are joined.
+    """
+    fsdp = parallel == "fsdp" and d.world_size > 1
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(d.device.split(":")[0], (d.world_size,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    compiled = torch.compile(model, dynamic=False) if compile else model
+    if fsdp:
+        return Wrapped(compiled, compiled, model.set_requires_gradient_sync, mesh._pg_registry.clear)
+    if d.world_size == 1:
+        return Wrapped(compiled, compiled, lambda sync: None, lambda: None)
+    ddp = DDP(compiled, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
+    return Wrapped(ddp, compiled, lambda sync: setattr(ddp, "require_backward_grad_sync", sync), lambda: None)

@@ -9,7 +9,6 @@ defaults the other flags override; `--help` lists them all. Reference numbers fo
 (build-nanogpt, 10B tokens of FineWeb-Edu): val loss about 3.07 vs OpenAI GPT-2 124M's 3.2924;
 HellaSwag acc_norm about 0.30 vs GPT-2's 0.2955.
 """
-import contextlib
 import gc
 import json
 import math
@@ -23,10 +22,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.tensor import DTensor
 
-from checkpoint import (REAL_VOCAB, MetricsLog, interrupted_line, list_checkpoints, load_checkpoint, load_model,
-                        save_checkpoint, start_run)
+from checkpoint import (REAL_VOCAB, MetricsLog, full_state, interrupted_line, list_checkpoints, load_checkpoint,
+                        load_model, save_checkpoint, start_run)
 from cli import ConfigError, run_main
 from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, validate
 from data import hellaswag
@@ -34,7 +33,7 @@ from data.shards import DataError, ShardLoader, shard_paths, shard_problem
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
-from runtime import check_compile, compiled_graphs, make_autocast, make_scaler, pick_dtype, pick_loss, setup_dist
+from runtime import check_compile, compiled_graphs, make_autocast, make_scaler, pick_dtype, pick_loss, setup_dist, wrap_model
 
 
 def get_lr(step, cfg):
@@ -78,6 +77,17 @@ def evaluate(model, loader, steps, d, autocast):
     return d.mean(total / steps).item()
 
 
+def forward_backward(model, x, y, grad_accum, autocast, scaler):
+    """One micro step: backward of the loss on (x, y) / grad_accum, times float16's loss scale (so that small
+    gradients survive; 1 otherwise); returns that loss, detached, in float32. (A function of its own, so that
+    the autograd graph, which refers to FSDP's units, ends with it.)"""
+    with autocast:
+        _, loss = model(x, y)
+    loss = loss / grad_accum
+    scaler.scale(loss).backward()
+    return loss.detach().float()
+
+
 def sample_text(model, enc, cfg, d, step, num=2):
     """Decode `num` continuations of the fixed prompt with the model's generate (its own RNG, so
     sampling never changes the training run)."""
@@ -94,7 +104,9 @@ def hellaswag_eval(model, items, cfg, d, autocast):
 
     batch_size // 4 examples per forward keeps the rows (4 per example) within a training micro batch.
     """
-    counts = hellaswag.evaluate(model, items[d.rank::d.world_size], max(1, cfg.batch_size // 4), autocast)
+    per_batch, most = max(1, cfg.batch_size // 4), -(-len(items) // d.world_size)  # the largest share
+    counts = hellaswag.evaluate(model, items[d.rank::d.world_size], per_batch, autocast,
+                                batches=-(-most // per_batch))  # as many forwards on every rank: FSDP gathers in each
     if d.world_size > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, correct_norm, total = counts.tolist()
@@ -145,14 +157,11 @@ def train(cfg):
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)
 
-    d.print0(f"device {d.device} x{W} | dtype {cfg.dtype} | compile {cfg.compile} | loss {cfg.loss} | "
-             f"grad accum {grad_accum} | "
-             f"{len(train_paths)} train / {len(val_paths)} val shards in {cfg.data_dir}")
+    d.print0(f"device {d.device} x{W} {cfg.parallel} | dtype {cfg.dtype} | compile {cfg.compile} | loss {cfg.loss} | "
+             f"grad accum {grad_accum} | {len(train_paths)} train / {len(val_paths)} val shards in {cfg.data_dir}")
     c = model.config
     d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
-    # static shapes: every use pads to one shape, and automatic dynamic shapes crash DDP's graph splitting
-    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
-    ddp_model = DDP(compiled, device_ids=[d.local_rank] if device_type == "cuda" else None) if W > 1 else compiled
+    run = wrap_model(model, cfg.parallel, cfg.compile, d)  # under FSDP `model` now holds this rank's shards
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
     autocast, scaler = make_autocast(cfg.dtype, d.device), make_scaler(cfg.dtype, d.device)
     enc = get_encoding()
@@ -180,15 +189,15 @@ def train(cfg):
     while step < end:
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate(compiled, val_loader, cfg.val_steps, d, autocast)
+            val_loss = evaluate(run.eval, val_loader, cfg.val_steps, d, autocast)
             d.print0(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step=step, val_loss=val_loss)
         if cfg.hellaswag_interval and (step % cfg.hellaswag_interval == 0 or last):
-            acc, acc_norm = hellaswag_eval(compiled, hs_items, cfg, d, autocast)
+            acc, acc_norm = hellaswag_eval(run.eval, hs_items, cfg, d, autocast)
             d.print0(f"step {step:5d} | hellaswag acc {acc:.4f} | acc_norm {acc_norm:.4f}")
             log.write(step=step, hellaswag_acc_norm=acc_norm, hellaswag_acc=acc)
-        if cfg.sample_interval and d.master and ((step > 0 and step % cfg.sample_interval == 0) or last):
-            samples = sample_text(model, enc, cfg, d, step)
+        if cfg.sample_interval and ((step > 0 and step % cfg.sample_interval == 0) or last):
+            samples = sample_text(model, enc, cfg, d, step)  # on every rank, as FSDP's gathers need; rank 0 prints
             for text in samples:
                 d.print0(f"sample: {text!r}")
             log.text(step, "samples", samples)
@@ -201,16 +210,11 @@ def train(cfg):
             if device_type == "cuda":  # page-locked, so the copy overlaps the previous micro step's kernels
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            # under DDP, gradients are all-reduced only on the last micro step
-            sync = contextlib.nullcontext() if W == 1 or micro == grad_accum - 1 else ddp_model.no_sync()
-            with sync:
-                with autocast:
-                    _, loss = ddp_model(x, y)
-                loss = loss / grad_accum
-                loss_sum += loss.detach().float()
-                scaler.scale(loss).backward()  # float16: times the loss scale, so small gradients survive
+            run.sync(micro == grad_accum - 1)  # gradients are reduced across ranks on the last micro step only
+            loss_sum += forward_backward(run.train, x, y, grad_accum, autocast, scaler)
         scaler.unscale_(optimizer)  # float16: the true gradients, for the norm and clipping
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -254,16 +258,22 @@ def train(cfg):
         med = statistics.median(step_times)
         d.print0(f"done: steps {start}-{end - 1} in {time.time() - t_run:.0f} s wall (setup and compile included) | "
                  f"median step {med * 1000:.0f} ms, {cfg.total_batch_size / med:,.0f} tok/s")
-    if d.master and end == cfg.max_steps:
-        model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB))
+    if end == cfg.max_steps:
+        weights = full_state(model)[0]  # every rank: FSDP gathers the shards
+        if d.master:
+            model.save_pretrained(cfg.out_dir, vocab_size=min(vocab, REAL_VOCAB), state_dict=weights)
         d.print0(f"saved {cfg.out_dir}/model.safetensors (load with GPT.from_pretrained({cfg.out_dir!r}))")
     if cfg.compile:
         d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
     log.close()
     if W > 1:
-        # DDP holds the group: free it, so that destroy_process_group drops the last reference and joins gloo's
+        # DDP holds the group, and so do FSDP's units and its device mesh: free them (FSDP's hooks form reference
+        # cycles, which gc.freeze kept), so that destroy_process_group drops the last reference and joins gloo's
         # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).
-        del ddp_model
+        run.release()
+        del run, model, optimizer
+        gc.unfreeze()
+        gc.collect()
         dist.destroy_process_group()
 
 

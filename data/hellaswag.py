@@ -131,9 +131,10 @@ def score_rows(logits, tokens, mask):
 
 
 @torch.no_grad()
-def evaluate(model, items, batch_size=16, autocast=None, progress=False):
+def evaluate(model, items, batch_size=16, autocast=None, progress=False, batches=0):
     """Counts [correct by acc, correct by acc_norm, examples] of prepare()'s items as a long tensor (3,)
-    on the model's device.
+    on the model's device. `batches`: run at least this many forwards, the extra ones on empty rows (the
+    ranks of a sharded model must all join each forward, though their shares of items differ by one).
 
     `model(idx)` must return (logits, ...), as our GPT (also compiled) does. Every forward has one
     shape, (4 * batch_size, T): T is the longest row rounded up to a multiple of PAD_TO, at most
@@ -147,7 +148,8 @@ def evaluate(model, items, batch_size=16, autocast=None, progress=False):
     counts[2] = len(items)
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(items), batch_size), desc="hellaswag", unit="batch", disable=not progress):
+    for start in tqdm(range(0, max(len(items), batches * batch_size), batch_size), desc="hellaswag", unit="batch",
+                      disable=not progress):
         batch = items[start:start + batch_size]
         tokens = torch.zeros(4 * batch_size, T, dtype=torch.long)  # (R, T), R = 4 * batch_size
         mask = torch.zeros_like(tokens)  # (R, T)

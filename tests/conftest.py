@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny configs, a random Hugging Face GPT-2 on disk, seeding that restores global state."""
+"""Shared fixtures: tiny configs, a random Hugging Face GPT-2 on disk, seeding that restores global state, and
+kill_tree for runs (torchrun and its ranks) that hang."""
 import os
+import signal
 import sys
 
 import pytest
@@ -22,6 +24,30 @@ def seeded():
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+
+
+def kill_tree(pid):
+    """SIGKILL pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():  # /proc/self, /proc/thread-self, /proc/sys, ...
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def make_hf(tmp_path, name="hf", **overrides):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, kill_tree
 from data.shards import ShardLoader, shard_paths, write_shard
 from model import GPT, configure_optimizers
 import checkpoint
@@ -59,28 +59,6 @@ def start(args, script="train_gpt2.py", torchrun=0, max_restarts=0, env=None):
                f"--max-restarts={max_restarts}", script, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def kill_tree(pid):
-    """SIGKILL pid and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def finish(*procs):

@@ -20,3 +20,19 @@ def test_budget_steps_never_passes_max_steps_and_never_goes_back():
     assert budget_steps(cfg, 5, 10.0, 0.01, grad_accum=1) == 50  # --max_steps is the cap
     assert budget_steps(cfg, 5, 200.0, 1.0, grad_accum=1) == 6  # the budget is spent: stop after this step
     assert BUDGET_PROBE >= 2  # at least one timed step after step 0, which compiles
+
+
+def test_fsdp_with_float16_is_refused_naming_both_flags(monkeypatch):
+    """FSDP's gradients are shards and GradScaler's inf check is per rank: the ranks could disagree on
+    skipping a step. Refused for --dtype float16, and for auto on a (stubbed) GPU without bf16."""
+    import runtime
+    from cli import ConfigError
+    from config import parse_args, validate
+    with pytest.raises(ConfigError, match="--parallel fsdp with float16"):
+        validate(parse_args(["--parallel", "fsdp", "--dtype", "float16", "--device", "cpu"]), world_size=2)
+    validate(parse_args(["--parallel", "fsdp", "--dtype", "bfloat16", "--device", "cpu"]), world_size=2)
+    validate(parse_args(["--parallel", "ddp", "--dtype", "float16", "--device", "cpu"]), world_size=2)
+    monkeypatch.setattr("config.resolve_device", lambda device: "cuda:0")
+    monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
+    with pytest.raises(ConfigError, match="--parallel fsdp with float16"):
+        validate(parse_args(["--parallel", "fsdp", "--compile", "false"]), world_size=2)

@@ -352,6 +352,9 @@ def test_model_py_prints_the_storage_table():
     for name in MODEL_SHAPES:
         assert name in out
     assert "124.4M" in out and "1557.6M" in out  # gpt2 and gpt2-xl, tied head counted once
+    xl = next(line.split() for line in out.splitlines() if line.startswith("gpt2-xl "))
+    assert out.splitlines()[0].split()[-3:] == ["state", "FSDP/GPU", "x8"]
+    assert xl[-2:] == ["23.21GiB", "2.90GiB"]  # DDP: the whole training state on each GPU; FSDP over 8: an eighth
 
 
 def reference_loss_and_grads(model, idx, targets):
