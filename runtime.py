@@ -208,32 +208,36 @@ def compiled_graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def loss_seconds(model, fused, rows, dtype, device):
+def loss_seconds(model, fused, rows, dtype, device, compile=False):
     """Seconds for one forward and backward of model.head_loss on `rows` random hidden states, fused or
-    plain, in dtype's autocast: the fastest of two tries after a warm-up (pick_loss's measurement)."""
+    plain, in dtype's autocast, compiled or eager as training will run it: the fastest of two tries after a
+    warm-up (which compiles). pick_loss's measurement."""
     x = torch.randn(rows, model.config.n_embd, device=device, requires_grad=True)  # (N, C)
     targets = torch.randint(0, model.config.vocab_size, (rows,), device=device)  # (N,)
     model.fused_loss, tries = fused, []
+    head_loss = torch.compile(lambda x, t: model.head_loss(x, t), dynamic=False) if compile else model.head_loss
     for _ in range(3):
         t0 = time.perf_counter()
         with make_autocast(dtype, device):
-            loss = model.head_loss(x, targets)
+            loss = head_loss(x, targets)
         loss.backward()
         tries.append(time.perf_counter() - t0)
     model.lm_head.weight.grad = None
     return min(tries[1:])
 
 
-def pick_loss(loss, model, rows, dtype, device):
+def pick_loss(loss, model, rows, dtype, device, compile=False):
     """--loss: 'auto' -> 'fused' or 'plain'. On CUDA fused: the plain path's full logits are the largest
     tensor of a step (6.6 GB in bf16 for GPT-2 124M at 64 x 1024), so even measuring it could run out of
-    memory. On CPU whichever trains the head faster here, timed at one micro batch (`rows` = B * T): which
-    wins depends on the CPU, its dtype and thread count (a few seconds at the Shakespeare preset's shape)."""
+    memory. On CPU whichever trains the head faster here, timed at one micro batch (`rows` = B * T) and
+    compiled if training compiles: which wins depends on the CPU, the dtype, the thread count and compile
+    (2-core AVX512-BF16 CPU, bf16, the Shakespeare shape: fused 1.14x plain eager, plain 1.19x fused
+    compiled; README, Results). A few seconds eager, some more to compile the two small graphs."""
     if loss == "auto":
         if device.startswith("cuda"):
             loss = "fused"
         else:
-            fused, plain = (loss_seconds(model, f, rows, dtype, device) for f in (True, False))
+            fused, plain = (loss_seconds(model, f, rows, dtype, device, compile) for f in (True, False))
             loss = "fused" if fused <= plain else "plain"
     model.fused_loss = loss == "fused"
     return loss

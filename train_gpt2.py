@@ -152,7 +152,7 @@ def train(cfg):
         check_compile(d.device)
     graphs_before = compiled_graphs()  # the check's own graph is not the model's
     cfg.dtype = d.agree(pick_dtype(cfg.dtype, d.device))  # measured choices: rank 0's timing decides for all
-    cfg.loss = d.agree(pick_loss(cfg.loss, model, B * T, cfg.dtype, d.device))
+    cfg.loss = d.agree(pick_loss(cfg.loss, model, B * T, cfg.dtype, d.device, cfg.compile))
     model.fused_loss = cfg.loss == "fused"
     train_loader = ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = ShardLoader(val_paths, B, T, d.rank, W)

@@ -96,15 +96,18 @@ def test_pick_loss_takes_the_faster_path_on_cpu_and_fused_on_cuda(monkeypatch):
     timed = []
 
     def seconds(fast):
-        def loss_seconds(m, fused, rows, dtype, device):
-            timed.append((fused, rows, dtype))
+        def loss_seconds(m, fused, rows, dtype, device, compile=False):
+            timed.append((fused, rows, dtype, compile))
             return 1.0 if fused == fast else 2.0
         return loss_seconds
     monkeypatch.setattr(runtime, "loss_seconds", seconds(fast=False))
     assert runtime.pick_loss("auto", model, 32, "float32", "cpu") == "plain" and model.fused_loss is False
-    assert sorted(timed) == [(False, 32, "float32"), (True, 32, "float32")]
+    assert sorted(timed) == [(False, 32, "float32", False), (True, 32, "float32", False)]
     monkeypatch.setattr(runtime, "loss_seconds", seconds(fast=True))
     assert runtime.pick_loss("auto", model, 32, "bfloat16", "cpu") == "fused" and model.fused_loss is True
+    timed.clear()  # a compiled run times the paths compiled: compile changes which one wins
+    assert runtime.pick_loss("auto", model, 32, "bfloat16", "cpu", compile=True) == "fused"
+    assert sorted(timed) == [(False, 32, "bfloat16", True), (True, 32, "bfloat16", True)]
     timed.clear()
     assert runtime.pick_loss("auto", model, 32, "bfloat16", "cuda") == "fused" and timed == []
     assert runtime.pick_loss("plain", model, 32, "bfloat16", "cpu") == "plain" and timed == []
@@ -114,5 +117,6 @@ def test_pick_loss_takes_the_faster_path_on_cpu_and_fused_on_cuda(monkeypatch):
 def test_loss_seconds_runs_both_paths_and_leaves_no_gradient():
     model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
     for fused in (True, False):
-        assert runtime.loss_seconds(model, fused, 16, "float32", "cpu") > 0 and model.fused_loss is fused
+        for compile in (False, True):
+            assert runtime.loss_seconds(model, fused, 16, "float32", "cpu", compile) > 0 and model.fused_loss is fused
     assert model.lm_head.weight.grad is None

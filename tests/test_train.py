@@ -35,8 +35,8 @@ def test_flags_presets_and_overrides():
     assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_lr, cfg.min_lr, cfg.warmup_steps,
             cfg.max_steps, cfg.weight_decay, cfg.grad_clip, cfg.vocab_size, cfg.eval_interval) == \
         (524288, 64, 1024, 6e-4, 6e-5, 715, 19073, 0.1, 1.0, 50304, 250)
-    cfg = parse_args(["--preset", "shakespeare", "--max_steps=7", "--compile", "false", "--max_lr", "1e-3"])
-    assert (cfg.max_steps, cfg.compile, cfg.max_lr) == (7, False, 1e-3)
+    cfg = parse_args(["--preset", "shakespeare", "--max_steps=7", "--compile", "false", "--max_lr", "5e-4"])
+    assert (cfg.max_steps, cfg.compile, cfg.max_lr) == (7, False, 5e-4)
     assert cfg.n_embd == PRESETS["shakespeare"]["n_embd"] and cfg.data_dir == "data/shards/shakespeare"
     assert parse_args(["--preset=gpt2-xl"]).n_layer == 48
 
