@@ -23,7 +23,8 @@ TIMEOUT = 300  # a rank left out of a collective hangs: the timeout turns that i
 SYN = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--seq_len", "32",
        "--batch_size", "2", "--total_batch_size", "256", "--max_lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", "2",
        "--device", "cpu", "--dtype", "float32", "--compile", "false", "--hellaswag_interval", "0",
-       "--sample_interval", "0"]  # 256 tokens per step: grad accum 4 in one process, 2 on each of 2 ranks
+       "--sample_interval", "0", "--loss", "fused"]  # 256 tokens per step: grad accum 4 in one process, 2 on each
+# of 2 ranks; --loss fixed, as the runs compared would each measure (auto) for themselves
 UNITS = 3  # fully_shard units: 2 blocks and the root (wte = lm_head, wpe, ln_f)
 
 
