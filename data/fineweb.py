@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from data.shards import ArgParser, DataError, write_splits
+from data.shards import DataError, write_splits
 from data.tokenizer import EOT, get_encoding
 
 SHARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards")
@@ -155,7 +155,8 @@ def prepare(out_dir, input=None, name="sample-10BT", prefix="edufineweb", shard_
 
 
 def main(argv=None):
-    p = ArgParser(description=__doc__.split("\n")[0])
+    from cli import OneLineParser, run_main  # the scripts' one-line errors (the library code above needs no cli)
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", help="where the shards go (default: data/shards/<prefix>)")
     p.add_argument("--input", help="a .txt/.jsonl/.parquet file or a folder of them (default: the hub dataset)")
     p.add_argument("--name", default="sample-10BT", help="fineweb-edu config: sample-10BT, sample-100BT, ...")
@@ -164,14 +165,13 @@ def main(argv=None):
     p.add_argument("--val_tokens", type=int, help="tokens of whole documents for val (default: 1e8 hub, 10%% local)")
     p.add_argument("--text_field", default="text", help="the document field of .jsonl/.parquet rows")
     p.add_argument("--num_threads", type=int, help="tokenizer threads (default: every core)")
-    try:
+
+    def run():
         args = p.parse_args(argv)
         out_dir = args.out_dir or os.path.join(SHARDS_DIR, args.prefix)
-        counts = prepare(out_dir, args.input, args.name, args.prefix, args.shard_size, args.val_tokens,
-                         args.text_field, args.num_threads)
-    except (DataError, OSError) as e:  # OSError: e.g. --out_dir is a file, or the disk is full
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return out_dir, prepare(out_dir, args.input, args.name, args.prefix, args.shard_size, args.val_tokens,
+                                args.text_field, args.num_threads)
+    out_dir, counts = run_main(run)  # a DataError or OSError (--out_dir a file, a full disk): one line, exit 2
     print(f"wrote {counts['val_tokens']:,} val tokens ({counts['val_docs']:,} docs) and {counts['train_tokens']:,} "
           f"train tokens ({counts['train_docs']:,} docs, {counts['train_shards']} shards) to {out_dir}")
 

@@ -15,7 +15,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.fineweb import tokenize
-from data.shards import ArgParser, DataError, shard_name, write_splits
+from data.shards import shard_name, write_splits
 from data.tokenizer import fetch_checked, pip_sdist
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -58,13 +58,11 @@ def prepare(out_dir=OUT_DIR, cache_dir=CACHE_DIR, progress=True):
 
 
 def main(argv=None):
-    p = ArgParser(description=__doc__.split("\n")[0])
+    from cli import OneLineParser, run_main  # the scripts' one-line errors (the library code above needs no cli)
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", default=OUT_DIR, help="where the shards go")
-    try:
-        print(f"shakespeare shards in {prepare(p.parse_args(argv).out_dir)}")
-    except (DataError, OSError) as e:  # OSError: e.g. --out_dir is a file, or the disk is full
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    out_dir = run_main(lambda: prepare(p.parse_args(argv).out_dir))  # a DataError or OSError: one line, exit 2
+    print(f"shakespeare shards in {out_dir}")
 
 
 if __name__ == "__main__":

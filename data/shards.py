@@ -4,7 +4,6 @@ A shard is a 1-D uint16 array saved with np.save as `<name>_<split>_<idx:06d>.np
 (split is `train` or `val`), with every document preceded by <|endoftext|> (50256).
 These are exactly build-nanogpt's edufineweb_*.npy files, so they work unchanged.
 """
-import argparse
 import contextlib
 import glob
 import os
@@ -21,14 +20,6 @@ SCAN_CHUNK = 2**24  # tokens per chunk when scanning a shard for its max id (32 
 
 class DataError(ValueError):
     """A user-facing data problem; scripts print its one-line message and exit with code 2."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise DataError, so the data/ scripts (which do not import cli.py) report
-    a bad flag in one line too."""
-
-    def error(self, message):
-        raise DataError(message)
 
 
 def shard_name(prefix, split, idx):
