@@ -52,7 +52,7 @@ DEFAULT = WHAT[:4]  # quality takes minutes: only when named
 # build-nanogpt's train_gpt2.py hyperparameters at the Shakespeare preset's model shape
 BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1e-3, min_lr=1e-4, warmup_steps=10,
                      weight_decay=0.1, grad_clip=1.0, compile="true", loss="plain", n_layer=4, n_head=4, n_embd=256,
-                     block_size=256)  # its GPT: lm_head, then F.cross_entropy on the full logits
+                     block_size=256, head_vocab="full")  # its GPT: lm_head, then F.cross_entropy on the full logits
 
 
 def interleaved(runs, repeats, per_round=1, device="cpu"):

@@ -24,6 +24,7 @@ class TrainConfig:
     compile: bool = True
     loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: measured at start, see runtime.pick_loss)
     parallel: str = "ddp"  # ddp | fsdp: how torchrun's ranks share the model (FSDP2 shards weights, grads, AdamW)
+    head_vocab: str = "full"  # full | train: the softmax over every id, or the train shards' ids + 1 shared row
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -76,7 +77,7 @@ PRESETS = {
     "shakespeare": dict(
         **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=2000, time_budget=285,
-        max_lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1, eval_interval=100, val_steps=10,
+        max_lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1, eval_interval=100, val_steps=10, head_vocab="train",
         hellaswag_interval=0, sample_interval=100, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True),
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
     # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
@@ -123,6 +124,12 @@ def validate(cfg, world_size):
         check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
+    need(cfg.head_vocab in ("full", "train"), f"--head_vocab: expected full or train, got {cfg.head_vocab!r}")
+    need(cfg.head_vocab == "full" or cfg.init_from == "scratch", f"--head_vocab train ties the rows of the ids not in "
+         f"the train shards into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, or "
+         f"--head_vocab full")
+    need(cfg.head_vocab == "full" or cfg.parallel == "ddp", "--head_vocab train: works with --parallel ddp (FSDP "
+         "shards the rows it ties), or use --head_vocab full")
     need(cfg.parallel == "ddp" or world_size > 1, f"--parallel fsdp: needs torchrun with 2 or more processes (this "
          f"run has {world_size}): torchrun --standalone --nproc_per_node=N train_gpt2.py ...; one process needs no "
          f"wrapping (--parallel ddp)")

@@ -8,6 +8,7 @@
 without allocating any weights.
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -84,7 +85,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, needs_grad):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, dtype, needs_grad, bias=None):  # x (N, C), weight (V, C), targets (N,)
         valid = targets != -100  # (N,)
         n_valid = valid.sum().clamp(min=1)
         xc, wc = x.to(dtype), weight.to(dtype)
@@ -96,8 +97,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.size(0), rows):
             s, t = slice(i, i + rows), targets[i:i + rows].clamp(min=0)[:, None]  # (n, 1)
             logits = (xc[s] @ wc.t()).float()  # (n, V)
+            picked = logits.gather(1, t).squeeze(1)  # (n,): the target's logit, before the bias
+            if bias is not None:
+                logits += bias  # (V,), float32 (GPT.set_head_vocab)
             lse = logits.logsumexp(dim=-1)  # (n,)
-            losses[s] = lse - logits.gather(1, t).squeeze(1)
+            losses[s] = lse - picked
             if needs_grad:  # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows
                 g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logits.dtype))
                 g = g.mul_(valid[s, None]).to(dtype)  # (n, V), in [-1, 1]: / n_valid comes after the matmuls
@@ -110,7 +114,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,6 +185,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as GPT-2
         self.fused_loss = True  # see head_loss
+        self.head_cols = self.head_bias = self.head_col_of = self.head_rest = None  # see set_head_vocab
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -222,15 +227,61 @@ class GPT(nn.Module):
 
         fused_loss (the default): LinearCrossEntropy, which never holds the full logits. Otherwise the plain
         path, lm_head then F.cross_entropy on the float32 logits, which some machines run faster (the trainer
-        measures which at start: runtime.pick_loss)."""
+        measures which at start: runtime.pick_loss). In training mode after set_head_vocab, both run on its
+        K + 1 columns, which give the full head's loss and gradients."""
         x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+        weight, bias = self.lm_head.weight, None  # (V, C)
+        if self.training and self.head_cols is not None:
+            weight, bias = weight[self.head_cols], self.head_bias  # (K + 1, C), (K + 1,)
+            targets = torch.where(targets == -100, targets, self.head_col_of[targets.clamp(min=0)])
         if not self.fused_loss:
-            return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-100)
+            logits = F.linear(x, weight).float()  # (N, V)
+            if bias is None:
+                return F.cross_entropy(logits, targets, ignore_index=-100)
+            valid = targets != -100  # (N,): a rest target's own logit is z, not z + log R: add log R back
+            return F.cross_entropy(logits + bias, targets, ignore_index=-100) + \
+                (bias[targets.clamp(min=0)] * valid).sum() / valid.sum().clamp(min=1)
         device = x.device.type
         autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-        return LinearCrossEntropy.apply(x, self.lm_head.weight, targets, dtype, needs_grad)
+        return LinearCrossEntropy.apply(x, weight, targets, dtype, needs_grad, bias)
+
+    @torch.no_grad()
+    def set_head_vocab(self, ids):
+        """Train the head's softmax on the token ids `ids` (say, those of the training data) plus one column
+        that stands for all the others, at the cost of K + 1 columns instead of vocab_size.
+
+        The other ids' rows are made equal (to the first of them, "the rest row"), so their R logits are one
+        value z and the full softmax's sum over them is R exp(z): one column, the rest row's, with a bias of
+        log R. The loss and gradients are then the full head's, for the rest row summed over its R copies
+        (AdamW's update of each copy is the same, up to its eps); tie_rest_ copies it back after each optimizer
+        step. Evaluation, generation and export use the full head, so the model stays GPT-2. With the trained
+        ids much fewer than the vocabulary (Shakespeare: 19,084 of 50,257), the head is most of a step's FLOPs.
+        ids=None: the full head again."""
+        V, w = self.config.vocab_size, self.lm_head.weight
+        keep = torch.zeros(V, dtype=torch.bool, device=w.device)
+        if ids is not None:
+            keep[torch.as_tensor(ids, device=w.device)] = True
+        rest = (~keep).nonzero().squeeze(1)  # (R,)
+        if ids is None or len(rest) < 2:
+            self.head_cols = self.head_bias = self.head_col_of = self.head_rest = None
+            return
+        kept = keep.nonzero().squeeze(1)  # (K,)
+        self.head_cols = torch.cat([kept, rest[:1]])  # (K + 1,): rows of the head's columns
+        self.head_col_of = torch.full((V,), len(kept), device=w.device)  # (V,): token id -> column
+        self.head_col_of[kept] = torch.arange(len(kept), device=w.device)
+        self.head_bias = torch.zeros(len(kept) + 1, device=w.device)  # (K + 1,)
+        self.head_bias[-1] = math.log(len(rest))
+        self.head_rest = rest[1:]  # (R - 1,): the copies of the rest row
+        self.tie_rest_()
+
+    @torch.no_grad()
+    def tie_rest_(self):
+        """After set_head_vocab: copy the rest row (trained) onto the other untrained ids' rows."""
+        if self.head_rest is not None:
+            w = self.lm_head.weight
+            w[self.head_rest] = w[self.head_cols[-1]].clone()
 
     def hidden_states(self, idx, cache=None):
         """idx (B, T) -> the final hidden states ln_f(x) (B, T, C), before the lm_head (heads share this).

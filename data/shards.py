@@ -169,6 +169,15 @@ def shard_problem(paths, vocab_size, rank=0, world_size=1, min_tokens=1):
     return None
 
 
+def token_ids_used(paths, vocab_size, chunk=10**7):
+    """The sorted ids (int64 array) that occur in the shards (GPT.set_head_vocab's ids); reads them all once."""
+    seen = np.zeros(vocab_size, dtype=bool)
+    for tokens in map(open_shard, paths):
+        for i in range(0, tokens.size, chunk):  # bincount makes an int64 copy: a chunk at a time
+            seen[np.flatnonzero(np.bincount(tokens[i:i + chunk], minlength=vocab_size))] = True
+    return np.flatnonzero(seen)
+
+
 def validate_shards(paths, vocab_size, min_tokens=1):
     """Check every shard (see shard_problem, one process); raise DataError or return the total token count."""
     if problem := shard_problem(paths, vocab_size, min_tokens=min_tokens):

@@ -136,10 +136,10 @@ def build(cfg):
 
 # ----- 1. resume is bit-exact -----
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_is_bit_exact(tmp_path, syn_dir, dtype):
+@pytest.mark.parametrize("dtype, head", [("float32", "full"), ("bfloat16", "full"), ("float32", "train")])
+def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head):
     common = flags(*EXACT, "--data_dir", syn_dir, "--max_steps", 8, "--eval_interval", 2, "--ckpt_interval", 4,
-                   dtype=dtype)
+                   "--head_vocab", head, dtype=dtype)  # train: the tied rows are restored too
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     chunk = common + ["--out_dir", b, "--run_steps", 4, "--resume", "auto"]  # the same command each time
     ra, rb1 = finish(start(common + ["--out_dir", a]), start(chunk))

@@ -36,3 +36,18 @@ def test_fsdp_with_float16_is_refused_naming_both_flags(monkeypatch):
     monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
     with pytest.raises(ConfigError, match="--parallel fsdp with float16"):
         validate(parse_args(["--parallel", "fsdp", "--compile", "false"]), world_size=2)
+
+
+def test_head_vocab_values_and_what_it_cannot_go_with():
+    """--head_vocab train ties the rows of the ids outside the train shards: a pretrained model's would be
+    erased, and FSDP shards those rows; a typo is named."""
+    from cli import ConfigError
+    from config import parse_args, validate
+    assert parse_args(["--preset", "shakespeare"]).head_vocab == "train" and parse_args([]).head_vocab == "full"
+    for argv, msg in ((["--head_vocab", "trian"], "--head_vocab: expected full or train, got 'trian'"),
+                      (["--head_vocab", "train", "--init_from", "gpt2"], "would erase gpt2's"),
+                      (["--preset", "finetune", "--head_vocab", "train"], "use it with --init_from scratch"),
+                      (["--head_vocab", "train", "--parallel", "fsdp"], "--head_vocab train: works with --parallel ddp")):
+        with pytest.raises(ConfigError, match=msg):
+            validate(parse_args(argv + ["--device", "cpu"]), world_size=2)
+    validate(parse_args(["--preset", "shakespeare", "--device", "cpu"]), world_size=1)

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 
 from data import fineweb, shakespeare, shards  # noqa: E402
 from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
-                         write_shard, write_splits)
+                         token_ids_used, write_shard, write_splits)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
@@ -165,6 +165,14 @@ def test_shard_problem_splits_the_id_scan_across_ranks(tmp_path, monkeypatch):
     assert all("need at least 1000" in shard_problem(paths, 50257, rank, 2, min_tokens=1000) for rank in (0, 1))
     with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
         shard_problem(paths, 50257, 2, 2)
+
+
+def test_token_ids_used_lists_each_id_in_any_shard_once(tmp_path):
+    paths = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    write_shard(paths[0], [5, 3, 3, 50256, 7])
+    write_shard(paths[1], [0, 7, 9, 9, 9, 2, 11])
+    for chunk in (2, 10**7):  # bincount a chunk at a time: the same ids
+        assert token_ids_used(paths, 50304, chunk=chunk).tolist() == [0, 2, 3, 5, 7, 9, 11, 50256]
 
 
 def test_missing_data_dir(tmp_path):

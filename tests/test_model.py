@@ -435,6 +435,51 @@ def test_fused_loss_compiles():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_vocab_trains_like_the_full_head_on_k_plus_one_columns(monkeypatch, fused):
+    """set_head_vocab: in training, the loss and every gradient equal the full head's for a model whose
+    other rows are tied (the rest row's gradient = the sum over its copies), also for a target outside the
+    ids and -100; eval uses the full head; tie_rest_ copies the rest row after an update."""
+    monkeypatch.setattr("model.LOGITS_CHUNK", 1000)  # the fused path in chunks
+    torch.manual_seed(0)
+    V, ids = 96, torch.tensor([3, 5, 7, 8, 20, 41, 42, 60, 61, 95])
+    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    model.fused_loss = fused
+    model.set_head_vocab(ids[torch.randperm(len(ids))])  # any order, duplicates allowed
+    rest = torch.tensor([i for i in range(V) if i not in ids])
+    w = model.lm_head.weight
+    assert torch.equal(w[rest], w[rest[:1]].expand(len(rest), -1))  # tied at once
+    assert model.head_cols.tolist() == ids.tolist() + [rest[0].item()]
+    idx = ids[torch.randint(0, len(ids), (2, 17))]
+    targets = idx[:, 1:].clone()
+    targets[0, 3], targets[1, 5] = rest[7], -100  # a target outside the ids, an ignored one
+    params = list(model.parameters())
+    _, loss = model(idx[:, :-1], targets)  # sliced, as notebook users pass them
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, params)))
+    model.fused_loss = True
+    model.head_cols, saved = None, model.head_cols  # the full head, same weights
+    ref_loss, ref = reference_loss_and_grads(model, idx[:, :-1], targets)
+    ref = dict(zip([n for n, _ in model.named_parameters()], ref))
+    model.head_cols = saved
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        if name == "transformer.wte.weight":  # lm_head.weight, tied (named_parameters lists it once)
+            r = ref[name].clone()
+            r[rest[0]], r[rest[1:]] = r[rest].sum(0), 0  # the R copies' gradients land on the rest row
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()
+    assert model(idx)[0].shape == (2, 17, V)  # eval: the full head's logits
+    with torch.no_grad():
+        w[rest[0]] += 1.0
+    model.tie_rest_()
+    assert torch.equal(w[rest], w[rest[:1]].expand(len(rest), -1))
+    model.set_head_vocab(None)
+    assert model.head_cols is None and model.head_rest is None
+    model.tie_rest_()  # a no-op without a head vocab
+
+
 def test_targets_with_a_cache_is_a_clear_error():
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
     idx = torch.zeros(1, 4, dtype=torch.long)

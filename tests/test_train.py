@@ -118,6 +118,32 @@ def test_short_shakespeare_training_lowers_val_loss(tmp_path, shakespeare_dir):
     torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, shakespeare_dir):
+    """--head_vocab train: the printed count is the train shards' ids, val loss (always the full head) falls
+    at least as fast as the full head's from the same seed, and the saved model's rows outside those ids are one row,
+    loadable by Hugging Face."""
+    from data.shards import shard_paths, token_ids_used
+    outs, vals = {}, {}
+    for head in ("full", "train"):
+        outs[head] = str(tmp_path / head)
+        r = run(TINY + ["--data_dir", shakespeare_dir, "--out_dir", outs[head], "--max_steps", "30", "--eval_interval",
+                        "10", "--compile", "false", "--device", "cpu", "--head_vocab", head], timeout=300)
+        assert r.returncode == 0, r.stderr
+        vals[head] = [v for _, v in metrics(outs[head], "val_loss")]
+    ids = token_ids_used(shard_paths(shakespeare_dir, "train"), 50304)
+    assert f"head vocab: the {len(ids):,} ids of the train shards + 1 column for the other {50304 - len(ids):,}" in r.stdout
+    assert vals["train"][0] > 10.5 and vals["train"][-1] < vals["train"][0] - 2.0, vals
+    assert vals["train"][-1] < vals["full"][-1] + 0.05, vals  # no worse (here 7.80 vs 7.96 after 30 steps)
+    w = GPT.from_pretrained(outs["train"]).lm_head.weight.detach()  # (50257, C): exported without the padding
+    rest = torch.ones(len(w), dtype=torch.bool)
+    rest[ids[ids < len(w)]] = False
+    assert rest.sum() > 20000 and torch.equal(w[rest], w[rest][:1].expand(int(rest.sum()), -1))
+    from transformers import GPT2LMHeadModel
+    idx = torch.tensor([ids[:16].tolist()])
+    torch.testing.assert_close(GPT.from_pretrained(outs["train"]).eval()(idx)[0],
+                               GPT2LMHeadModel.from_pretrained(outs["train"]).eval()(idx).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
     out = str(tmp_path / "out")
     args = TINY[:-2] + ["--data_dir", shakespeare_dir, "--out_dir", out, "--max_steps", "4", "--eval_interval", "2",
