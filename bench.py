@@ -5,7 +5,7 @@
     python bench.py generate --dtype bfloat16 --new_tokens 32
     python bench.py loader
     python bench.py tokenize
-    python bench.py quality                  # our Shakespeare preset, then build-nanogpt's recipe, 285 s each
+    python bench.py quality                  # our Shakespeare preset, then build-nanogpt's recipe, 270 s each
 
 train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
 (torch.compile on, the loss path --loss auto measures, fused AdamW), of our model eager (fused loss, and

@@ -29,7 +29,7 @@ from checkpoint import (REAL_VOCAB, MetricsLog, full_state, interrupted_line, li
 from cli import ConfigError, run_main
 from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, validate
 from data import hellaswag
-from data.shards import DataError, ShardLoader, shard_paths, shard_problem, token_ids_used
+from data.shards import DataError, ShardLoader, shard_paths, shard_problem, frequent_ids, token_counts
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report
@@ -146,10 +146,12 @@ def train(cfg):
         problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W, min_tokens=B * T * W + 1))
         if problem:
             raise DataError(problem)
-    if cfg.head_vocab == "train":  # the head's softmax over the ids training sees (GPT.set_head_vocab)
-        ids = token_ids_used(train_paths, vocab)
+    if cfg.head_vocab != "full":  # the head's softmax over the ids training sees (GPT.set_head_vocab)
+        counts = token_counts(train_paths, vocab)
+        ids = frequent_ids(counts, None if cfg.head_vocab == "train" else int(cfg.head_vocab))
         model.set_head_vocab(ids)
-        d.print0(f"head vocab: the {len(ids):,} ids of the train shards + 1 column for the other {vocab - len(ids):,}")
+        d.print0(f"head vocab: {len(ids):,} ids of the train shards ({counts[ids].sum() / counts.sum():.2%} of their "
+                 f"tokens) + 1 column for the other {vocab - len(ids):,}")
     lock, ckpt = start_run(cfg, d)  # nothing is written before every input has been checked
     loggers = open_loggers(cfg, resumed=ckpt is not None) if d.master else []
     if cfg.compile:

@@ -169,13 +169,19 @@ def shard_problem(paths, vocab_size, rank=0, world_size=1, min_tokens=1):
     return None
 
 
-def token_ids_used(paths, vocab_size, chunk=10**7):
-    """The sorted ids (int64 array) that occur in the shards (GPT.set_head_vocab's ids); reads them all once."""
-    seen = np.zeros(vocab_size, dtype=bool)
+def token_counts(paths, vocab_size, chunk=10**7):
+    """How often each id occurs in the shards, (vocab_size,) int64 (the trainer's --head_vocab); reads them once."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
     for tokens in map(open_shard, paths):
         for i in range(0, tokens.size, chunk):  # bincount makes an int64 copy: a chunk at a time
-            seen[np.flatnonzero(np.bincount(tokens[i:i + chunk], minlength=vocab_size))] = True
-    return np.flatnonzero(seen)
+            counts += np.bincount(tokens[i:i + chunk], minlength=vocab_size)
+    return counts
+
+
+def frequent_ids(counts, top=None):
+    """The ids that occur (counts > 0), or the `top` most frequent of them (ties: the lower id first), sorted."""
+    ids = np.flatnonzero(counts)
+    return ids if top is None else np.sort(ids[np.argsort(-counts[ids], kind="stable")[:top]])
 
 
 def validate_shards(paths, vocab_size, min_tokens=1):

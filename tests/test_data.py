@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 
 from data import fineweb, shakespeare, shards  # noqa: E402
 from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
-                         token_ids_used, write_shard, write_splits)
+                         frequent_ids, token_counts, write_shard, write_splits)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries
@@ -167,12 +167,18 @@ def test_shard_problem_splits_the_id_scan_across_ranks(tmp_path, monkeypatch):
         shard_problem(paths, 50257, 2, 2)
 
 
-def test_token_ids_used_lists_each_id_in_any_shard_once(tmp_path):
+def test_token_counts_add_up_over_shards_and_chunks(tmp_path):
     paths = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
     write_shard(paths[0], [5, 3, 3, 50256, 7])
     write_shard(paths[1], [0, 7, 9, 9, 9, 2, 11])
     for chunk in (2, 10**7):  # bincount a chunk at a time: the same ids
-        assert token_ids_used(paths, 50304, chunk=chunk).tolist() == [0, 2, 3, 5, 7, 9, 11, 50256]
+        counts = token_counts(paths, 50304, chunk=chunk)
+        assert counts.shape == (50304,) and counts.sum() == 12
+        assert {i: counts[i] for i in map(int, counts.nonzero()[0])} == {0: 1, 2: 1, 3: 2, 5: 1, 7: 2, 9: 3, 11: 1, 50256: 1}
+    assert frequent_ids(counts).tolist() == [0, 2, 3, 5, 7, 9, 11, 50256]
+    assert frequent_ids(counts, 3).tolist() == [3, 7, 9]  # counts 3, 2, 2
+    assert frequent_ids(counts, 4).tolist() == [0, 3, 7, 9]  # of the ids seen once, the lowest
+    assert frequent_ids(counts, 100).tolist() == frequent_ids(counts).tolist()  # never an id that does not occur
 
 
 def test_missing_data_dir(tmp_path):

@@ -122,7 +122,7 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, s
     """--head_vocab train: the printed count is the train shards' ids, val loss (always the full head) falls
     at least as fast as the full head's from the same seed, and the saved model's rows outside those ids are one row,
     loadable by Hugging Face."""
-    from data.shards import shard_paths, token_ids_used
+    from data.shards import shard_paths, token_counts
     outs, vals = {}, {}
     for head in ("full", "train"):
         outs[head] = str(tmp_path / head)
@@ -130,8 +130,9 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, s
                         "10", "--compile", "false", "--device", "cpu", "--head_vocab", head], timeout=300)
         assert r.returncode == 0, r.stderr
         vals[head] = [v for _, v in metrics(outs[head], "val_loss")]
-    ids = token_ids_used(shard_paths(shakespeare_dir, "train"), 50304)
-    assert f"head vocab: the {len(ids):,} ids of the train shards + 1 column for the other {50304 - len(ids):,}" in r.stdout
+    ids = token_counts(shard_paths(shakespeare_dir, "train"), 50304).nonzero()[0]
+    assert f"head vocab: {len(ids):,} ids of the train shards (100.00% of their tokens) + 1 column for the other " \
+        f"{50304 - len(ids):,}" in r.stdout
     assert vals["train"][0] > 10.5 and vals["train"][-1] < vals["train"][0] - 2.0, vals
     assert vals["train"][-1] < vals["full"][-1] + 0.05, vals  # no worse (here 7.80 vs 7.96 after 30 steps)
     w = GPT.from_pretrained(outs["train"]).lm_head.weight.detach()  # (50257, C): exported without the padding
@@ -142,6 +143,25 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, s
     idx = torch.tensor([ids[:16].tolist()])
     torch.testing.assert_close(GPT.from_pretrained(outs["train"]).eval()(idx)[0],
                                GPT2LMHeadModel.from_pretrained(outs["train"]).eval()(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_head_vocab_n_keeps_the_n_most_frequent_ids(tmp_path, shakespeare_dir):
+    """--head_vocab 100: the 100 most frequent ids of the train shards get columns; every other id, the rarer
+    ones that do occur included, shares the rest row (their train tokens are scored on it, exactly)."""
+    from data.shards import frequent_ids, shard_paths, token_counts
+    out = str(tmp_path / "out")
+    r = run(TINY + ["--data_dir", shakespeare_dir, "--out_dir", out, "--max_steps", "3", "--compile", "false",
+                    "--device", "cpu", "--head_vocab", "100"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    counts = token_counts(shard_paths(shakespeare_dir, "train"), 50304)
+    ids = frequent_ids(counts, 100)
+    share = f"{counts[ids].sum() / counts.sum():.2%}"
+    assert f"head vocab: 100 ids of the train shards ({share} of their tokens) + 1 column for the other 50,204" in r.stdout
+    w = GPT.from_pretrained(out).lm_head.weight.detach()  # (50257, C)
+    rest = torch.ones(len(w), dtype=torch.bool)
+    rest[ids] = False
+    assert torch.equal(w[rest], w[rest][:1].expand(int(rest.sum()), -1))
+    assert not torch.equal(w[ids[0]], w[ids[1]])
 
 
 def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
