@@ -10,7 +10,7 @@ import errno
 import os
 import sys
 
-from data.shards import DataError
+from data import DataError
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoint import MetricsLog, load_model, model_dir
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, run_main
 from data.fineweb import parse_json_line, text_field_of
-from data.shards import DataError
+from data import DataError
 from data.tokenizer import EOT, get_encoding
 from model import GPT, config_to_hf, configure_optimizers, ours_to_hf, read_hf, write_hf_dir
 from runtime import DTYPES, check_float16, make_autocast, make_scaler, pick_dtype, resolve_device

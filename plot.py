@@ -10,11 +10,13 @@ GPT-2 124M's val loss on FineWeb-Edu val; (2) HellaSwag acc_norm with GPT-2 124M
 import argparse
 import json
 import os
-import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from cli import ConfigError, OneLineParser, run_main  # no torch: plot.py starts fast
+from data import DataError  # a missing or malformed metrics file
 
 # Reference numbers (build-nanogpt's play.ipynb), not ours.
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M checkpoint, FineWeb-Edu val
@@ -23,27 +25,15 @@ GPT3_124M_HELLASWAG = 0.337  # acc_norm, GPT-3 paper's 125M model
 FORMATS = (".png", ".pdf", ".svg")  # --out's extension picks one; none means .png
 
 
-class MetricsError(ValueError):
-    """A missing or malformed metrics file: reported in one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one `error:` line, exit code 2, as the other scripts (train_gpt2's, not imported:
-    it would import torch)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def metrics_path(run):
     """run is a training out_dir (holding metrics.jsonl) or the metrics file itself."""
     if os.path.isfile(run):
         return run
     if not os.path.isdir(run):
-        raise MetricsError(f"{run}: no such directory")
+        raise DataError(f"{run}: no such directory")
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise MetricsError(f"{path}: no such file (train with --out_dir {run} first)")
+        raise DataError(f"{path}: no such file (train with --out_dir {run} first)")
     return path
 
 
@@ -52,7 +42,7 @@ def read_metrics(path):
 
     A resumed run appends, so a step can appear twice for a key: the later line wins. Blank lines
     and non-numeric extra keys are skipped; a line that is not a JSON object with an integer
-    "step" raises MetricsError naming the file and line.
+    "step" raises DataError naming the file and line.
     """
     by_key = {}
     with open(path, "rb") as f:
@@ -62,10 +52,10 @@ def read_metrics(path):
             try:
                 event = json.loads(line)
             except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                raise MetricsError(f"{path}:{lineno}: not JSON ({e})") from None
+                raise DataError(f"{path}:{lineno}: not JSON ({e})") from None
             step = event.get("step") if isinstance(event, dict) else None
             if not isinstance(step, int) or isinstance(step, bool):
-                raise MetricsError(f"{path}:{lineno}: expected a JSON object with an integer \"step\"")
+                raise DataError(f"{path}:{lineno}: expected a JSON object with an integer \"step\"")
             for key, value in event.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     by_key.setdefault(key, {})[step] = float(value)
@@ -130,23 +120,22 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="training out_dir(s) with metrics.jsonl")
     parser.add_argument("--out", help=f"image to write, {'/'.join(FORMATS)} by its extension "
                                       f"(default: OUT_DIR/loss.png for one run, loss.png for several)")
-    args = parser.parse_args(argv)
-    out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
-                       else "loss.png")
-    ext = os.path.splitext(out)[1]
-    if not ext:
-        out += ".png"  # what matplotlib would write anyway; named here so that "wrote ..." is the real path
-    elif ext.lower() not in FORMATS:
-        parser.error(f"--out {out}: unknown extension {ext!r}; use one of {', '.join(FORMATS)}")
-    try:
+
+    def run():
+        args = parser.parse_args(argv)
+        out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
+                           else "loss.png")
+        ext = os.path.splitext(out)[1]
+        if not ext:
+            out += ".png"  # what matplotlib would write anyway; named here so that "wrote ..." is the real path
+        elif ext.lower() not in FORMATS:
+            raise ConfigError(f"--out {out}: unknown extension {ext!r}; use one of {', '.join(FORMATS)}")
         runs = load_runs(args.runs)
         plot_runs(runs, out)
-        for run, metrics in runs.items():
-            print(f"{run}: {summary(metrics)}")
-    except (MetricsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
+        for name, metrics in runs.items():
+            print(f"{name}: {summary(metrics)}")
+        print(f"wrote {out}")
+    run_main(run)  # a bad flag, metrics file or --out (DataError, ConfigError, OSError): one line, exit 2
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from checkpoint import (REAL_VOCAB, MetricsLog, full_state, interrupted_line, li
 from cli import ConfigError, run_main
 from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, validate
 from data import hellaswag
-from data.shards import DataError, ShardLoader, shard_paths, shard_problem, frequent_ids, token_counts
+from data import DataError
+from data.shards import ShardLoader, shard_paths, shard_problem, frequent_ids, token_counts
 from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from model import GPT, GPTConfig, configure_optimizers, format_report, gpu_peak_flops, storage_report

@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from data.shards import DataError, write_splits
+from data import DataError
+from data.shards import write_splits
 from data.tokenizer import EOT, get_encoding
 
 SHARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards")

@@ -14,12 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import DataError
+
 EOT = 50256
 SCAN_CHUNK = 2**24  # tokens per chunk when scanning a shard for its max id (32 MiB)
-
-
-class DataError(ValueError):
-    """A user-facing data problem; scripts print its one-line message and exit with code 2."""
 
 
 def shard_name(prefix, split, idx):

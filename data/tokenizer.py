@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 
 import tiktoken
 
-from data.shards import DataError
+from data import DataError
 
 EOT = 50256
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"

@@ -27,7 +27,7 @@ import checkpoint
 import train_gpt2
 from checkpoint import list_checkpoints, load_checkpoint
 from cli import ConfigError
-from data.shards import DataError
+from data import DataError
 from runtime import Dist
 from config import parse_args
 

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import fineweb, shakespeare, shards  # noqa: E402
-from data.shards import (EOT, DataError, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
+from data import DataError  # noqa: E402
+from data.shards import (EOT, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
                          frequent_ids, token_counts, write_shard, write_splits)
 from data.tokenizer import get_encoding  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import HELLASWAG, ROOT, make_hf, write_hellaswag
 from data import hellaswag
-from data.shards import DataError
+from data import DataError
 from data.tokenizer import get_encoding
 from model import GPT
 from test_train import TINY, metrics, run
