@@ -303,10 +303,11 @@ class MetricsLog:
 def start_run(cfg, d):
     """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
 
-    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path, parallel and
-    max_steps the checkpoint was trained with (auto measures again at every start and could switch precision;
-    --time_budget derived max_steps from this machine's speed; a model sharded to fit still needs it); a flag
-    given on the command line wins, with a note."""
+    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path, parallel,
+    max_steps and head_vocab the checkpoint was trained with (auto measures again at every start and could
+    switch precision; --time_budget derived max_steps from this machine's speed; a model sharded to fit still
+    needs it); a flag given on the command line wins, with a note. Except a --head_vocab other than the
+    recorded one or full: fewer or other ids would tie rows the checkpoint trained on their own."""
     lock, ckpt, problem = None, None, None
     if d.master:
         try:
@@ -318,8 +319,14 @@ def start_run(cfg, d):
     if problem:
         raise ConfigError(problem)
     recorded = recorded_config(ckpt) if ckpt else {}
-    for name in ("dtype", "compile", "loss", "parallel", "max_steps"):
+    if ckpt:
+        recorded.setdefault("head_vocab", "full")  # checkpoints from before --head_vocab trained the full head
+    for name in ("dtype", "compile", "loss", "parallel", "max_steps", "head_vocab"):
         if name in recorded and recorded[name] != getattr(cfg, name):
+            if name == "head_vocab" and name in getattr(cfg, "given", ()) and cfg.head_vocab != "full":
+                raise ConfigError(f"--head_vocab {cfg.head_vocab}: {ckpt} was trained with --head_vocab "
+                                  f"{recorded[name]}, and other ids would tie rows it trained on their own; resume "
+                                  f"with --head_vocab {recorded[name]} (or full)")
             if name in getattr(cfg, "given", ()):
                 d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")
             else:

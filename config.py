@@ -126,7 +126,8 @@ def validate(cfg, world_size):
         check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
-    need(cfg.head_vocab in ("full", "train") or (cfg.head_vocab.isdigit() and int(cfg.head_vocab) > 0),
+    need(cfg.head_vocab in ("full", "train") or (cfg.head_vocab.isascii() and cfg.head_vocab.isdigit() and
+                                                 int(cfg.head_vocab) > 0),
          f"--head_vocab: expected full, train or a positive number of ids, got {cfg.head_vocab!r}")
     need(cfg.head_vocab == "full" or cfg.init_from == "scratch", f"--head_vocab {cfg.head_vocab} ties the rows of the "
          f"ids it leaves out into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, or "

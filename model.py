@@ -258,7 +258,8 @@ class GPT(nn.Module):
         (AdamW's update of each copy is the same, up to its eps); tie_rest_ copies it back after each optimizer
         step. Evaluation, generation and export use the full head, so the model stays GPT-2. With the trained
         ids much fewer than the vocabulary (Shakespeare: 19,084 of 50,257), the head is most of a step's FLOPs.
-        ids=None: the full head again."""
+        ids=None: the full head again. Call it after moving the model to its device (the index tensors are
+        made there, and are not buffers: DDP would broadcast buffers at every forward)."""
         V, w = self.config.vocab_size, self.lm_head.weight
         keep = torch.zeros(V, dtype=torch.bool, device=w.device)
         if ids is not None:

@@ -147,14 +147,16 @@ def train(cfg):
         problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W, min_tokens=B * T * W + 1))
         if problem:
             raise DataError(problem)
-    if cfg.head_vocab != "full":  # the head's softmax over the ids training sees (GPT.set_head_vocab)
-        counts = token_counts(train_paths, vocab)
-        ids = frequent_ids(counts, None if cfg.head_vocab == "train" else int(cfg.head_vocab))
-        model.set_head_vocab(ids)
-        d.print0(f"head vocab: {len(ids):,} ids of the train shards ({counts[ids].sum() / counts.sum():.2%} of their "
-                 f"tokens) + 1 column for the other {vocab - len(ids):,}")
     lock, ckpt = start_run(cfg, d)  # nothing is written before every input has been checked
     loggers = open_loggers(cfg, resumed=ckpt is not None) if d.master else []
+    if cfg.head_vocab != "full":  # the softmax over the ids training sees (GPT.set_head_vocab); after
+        # start_run, which keeps a resumed run's value
+        counts = token_counts(train_paths, vocab)
+        ids = frequent_ids(counts, None if cfg.head_vocab == "train" else int(cfg.head_vocab))
+        model.set_head_vocab(ids)  # ties the rows left out (a resumed run's were saved tied: the same ids)
+        share = f"{len(ids):,} ids of the train shards ({counts[ids].sum() / counts.sum():.2%} of their tokens)"
+        d.print0(f"head vocab: {share} + 1 column for the other {vocab - len(ids):,}" if model.head_cols is not None
+                 else f"head vocab: {share} leave fewer than 2 ids out: the full head")
     if cfg.compile:
         check_compile(d.device)
     graphs_before = compiled_graphs()  # the check's own graph is not the model's

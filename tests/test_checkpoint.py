@@ -175,6 +175,25 @@ def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head):
     assert ta["rng"] == tb["rng"]
 
 
+def test_resume_keeps_the_head_vocab_and_refuses_other_ids(tmp_path, syn_dir):
+    """A resume keeps the checkpoint's --head_vocab when the flag is left out; another set of ids is refused
+    in one line (it would tie rows the checkpoint trained on their own), before any step runs."""
+    out = str(tmp_path / "r")
+    common = flags("--data_dir", syn_dir, "--max_steps", 6, "--ckpt_interval", 3, "--eval_interval", 100,
+                   "--out_dir", out)
+    assert "head vocab: 100 ids" in ok(run(common + ["--head_vocab", "100", "--run_steps", 3])).stdout
+    bad = run(common + ["--head_vocab", "50", "--resume", "auto"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --head_vocab 50: {out}/ckpt_000003 was trained with --head_vocab 100, and other ids would tie rows "
+        "it trained on their own; resume with --head_vocab 100 (or full)"]
+    assert ckpt_dirs(out) == ["ckpt_000003"] and not os.path.exists(os.path.join(out, "model.safetensors"))
+    r = ok(run(common + ["--resume", "auto"]))  # the flag left out: the checkpoint's 100, not the default (full)
+    assert f"resumed from {out}/ckpt_000003 at step 3" in r.stdout and "head vocab: 100 ids" in r.stdout
+    from safetensors.torch import load_file
+    w = load_file(os.path.join(out, "model.safetensors"))["transformer.wte.weight"]  # (256, C)
+    assert len(torch.unique(w, dim=0)) == 101  # 100 rows of their own, one shared by the other 156
+
+
 # ----- 2. keep_last, the final model, and checkpoints as Hugging Face models -----
 
 def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir):

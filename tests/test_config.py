@@ -46,7 +46,8 @@ def test_head_vocab_values_and_what_it_cannot_go_with():
     assert parse_args(["--preset", "shakespeare"]).head_vocab == "8191" and parse_args([]).head_vocab == "full"
     for argv, msg in ((["--head_vocab", "trian"], "--head_vocab: expected full, train or a positive number of ids, got 'trian'"),
                       (["--head_vocab", "0"], "got '0'"), (["--head_vocab", "-5"], "got '-5'"),
-                      (["--head_vocab", "1e4"], "got '1e4'"),
+                      (["--head_vocab", "1e4"], "got '1e4'"), (["--head_vocab", "²"], "got '²'"),
+                      (["--head_vocab", "٣"], "got '٣'"),  # digits to str.isdigit, not to int() / not ASCII
                       (["--head_vocab", "train", "--init_from", "gpt2"], "would erase gpt2's"),
                       (["--preset", "finetune", "--head_vocab", "500"], "--head_vocab 500 ties the rows of the ids it "
                        "leaves out into one, which would erase gpt2's: use it with --init_from scratch"),
