@@ -244,22 +244,23 @@ def train(cfg):
             raise TrainingError(f"step {step}: {what}: training diverged; stopped without saving (newest checkpoint: "
                                 f"{newest}); {hint}")
         step_times.append(dt)
-        tok_per_sec = cfg.total_batch_size / dt
-        mfu = flops_per_token * tok_per_sec / (peak * W) if peak else None
-        eta = sum(step_times[-20:]) / len(step_times[-20:]) * (cfg.max_steps - step - 1)
-        d.print0(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                 f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta / 60:.1f} min")
-        if skipped:
-            d.print0(f"step {step:5d} | fp16 overflow: step skipped, loss scale -> {scale:g}")
-        log.write(step=step, train_loss=train_loss, lr=lr, **({"skipped": True} if skipped else {"norm": norm}),
-                  dt_ms=dt * 1000, tokens_per_sec=tok_per_sec, **({"mfu": mfu} if mfu else {}),
-                  **({"loss_scale": scale} if scaler.is_enabled() else {}))
         if cfg.time_budget and step == BUDGET_PROBE:  # rank 0's clock decides for all ranks
             cfg.max_steps = d.agree(budget_steps(cfg, step, time.time() - t_run, statistics.median(step_times[1:] or step_times),
                                                  grad_accum))
             end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
             d.print0(f"--time_budget {cfg.time_budget:g} s: max_steps {cfg.max_steps} (recorded in checkpoints)")
             log.write(step=step, max_steps=cfg.max_steps)
+        tok_per_sec = cfg.total_batch_size / dt
+        mfu = flops_per_token * tok_per_sec / (peak * W) if peak else None
+        eta = sum(step_times[-20:]) / len(step_times[-20:]) * (cfg.max_steps - step - 1)
+        eta = f"eta after step {BUDGET_PROBE}" if cfg.time_budget and step < BUDGET_PROBE else f"eta {eta / 60:.1f} min"
+        d.print0(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                 f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | {eta}")
+        if skipped:
+            d.print0(f"step {step:5d} | fp16 overflow: step skipped, loss scale -> {scale:g}")
+        log.write(step=step, train_loss=train_loss, lr=lr, **({"skipped": True} if skipped else {"norm": norm}),
+                  dt_ms=dt * 1000, tokens_per_sec=tok_per_sec, **({"mfu": mfu} if mfu else {}),
+                  **({"loss_scale": scale} if scaler.is_enabled() else {}))
         if (cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0) or step + 1 == end:
             save_checkpoint(cfg, step + 1, model, optimizer, train_loader, d, scaler)
         step += 1

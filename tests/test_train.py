@@ -757,6 +757,10 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
     whole, part = tmp_path / "whole", tmp_path / "part"
     code, text, err = train_main(tiny(shakespeare_dir, whole, *args), capsys)
     assert code == 0 and calls == [(BUDGET_PROBE, 2)] and "--time_budget 60 s: max_steps 9" in text, err
+    lines = [line for line in text.splitlines() if line.startswith("step") and " | loss " in line]  # the ETA waits
+    # for the budget's max_steps
+    assert all(f"eta after step {BUDGET_PROBE}" in line for line in lines[:BUDGET_PROBE]), lines
+    assert all(line.endswith(" min") for line in lines[BUDGET_PROBE:]), lines
     losses = metrics(whole, "train_loss")
     assert [s for s, _ in losses] == list(range(9)) and (BUDGET_PROBE, 9) in metrics(whole, "max_steps")
     lrs = dict(metrics(whole, "lr"))
