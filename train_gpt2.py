@@ -229,7 +229,7 @@ def train(cfg):
             group["lr"] = lr
         scaler.step(optimizer)  # float16: skipped if a gradient overflowed (inf/nan), decided on the device
         scaler.update()
-        model.tie_rest_()  # --head_vocab train: the untrained ids' rows stay copies of the trained rest row
+        model.tie_rest_()  # --head_vocab: the rows of the ids left out stay copies of the trained rest row
         if device_type == "cuda":
             torch.cuda.synchronize()
         # read back only now: an .item() before optimizer.step() would stall the GPU queue every step

@@ -2,6 +2,7 @@
 kill_tree for runs (torchrun and its ranks) that hang."""
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -48,6 +49,43 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def communicate(p, timeout):
+    """(stdout, stderr) of a started Popen; one still running after `timeout` s is killed with its descendants
+    (torchrun's ranks), and stderr says so."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(p.pid)
+        out, err = p.communicate(timeout=30)
+        return out, err + f"\n[killed after {timeout} s]"
+
+
+def write_syn_shards(d, train_sizes, val_size):
+    """Random ids < 256 (seed 0): train shards of `train_sizes` tokens and one val shard, in directory d."""
+    import numpy as np
+    from data.shards import write_shard
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(train_sizes, start=1):
+        write_shard(os.path.join(d, f"syn_train_{i:06d}.npy"), rng.integers(0, 256, n))
+    write_shard(os.path.join(d, "syn_val_000000.npy"), rng.integers(0, 256, val_size))
+    return str(d)
+
+
+def spy_on_the_step(monkeypatch, trainer, events):
+    """Append "step" and "zero_grad" (the optimizer's calls, via trainer.configure_optimizers) and "item" (every
+    Tensor.item(), a host sync) to events in call order: the checks that nothing is read back mid-step."""
+    real_item, real_configure = torch.Tensor.item, trainer.configure_optimizers
+
+    def configure(*a, **kw):
+        opt = real_configure(*a, **kw)
+        step, zero = opt.step, opt.zero_grad
+        opt.step = lambda *sa, **skw: events.append("step") or step(*sa, **skw)
+        opt.zero_grad = lambda *za, **zkw: events.append("zero_grad") or zero(*za, **zkw)
+        return opt
+    monkeypatch.setattr(trainer, "configure_optimizers", configure)
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("item") or real_item(t))
 
 
 def make_hf(tmp_path, name="hf", **overrides):

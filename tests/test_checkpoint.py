@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_tree
-from data.shards import ShardLoader, shard_paths, write_shard
+from conftest import ROOT, communicate, write_syn_shards
+from data.shards import ShardLoader, shard_paths
 from model import GPT, configure_optimizers
 import checkpoint
 import train_gpt2
@@ -65,12 +65,7 @@ def finish(*procs):
     """Wait for background runs; return their CompletedProcess objects (a run past TIMEOUT is killed)."""
     done = []
     for p in procs:
-        try:
-            out, err = p.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            kill_tree(p.pid)
-            out, err = p.communicate(timeout=30)
-            err += f"\n[killed after {TIMEOUT} s]"
+        out, err = communicate(p, TIMEOUT)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
 
@@ -107,12 +102,7 @@ def ckpt_dirs(out_dir):
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
     """Random ids < 256: 3 train shards of 300 + 200 + 250 tokens, one val shard of 1000."""
-    d = tmp_path_factory.mktemp("syn")
-    rng = np.random.default_rng(0)
-    for i, n in enumerate((300, 200, 250), start=1):
-        write_shard(str(d / f"syn_train_{i:06d}.npy"), rng.integers(0, 256, n))
-    write_shard(str(d / "syn_val_000000.npy"), rng.integers(0, 256, 1000))
-    return str(d)
+    return write_syn_shards(tmp_path_factory.mktemp("syn"), (300, 200, 250), 1000)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import torch
 import model as model_module
 import runtime
 import train_gpt2
-from data.shards import write_shard
+from conftest import spy_on_the_step, write_syn_shards
 from model import LinearCrossEntropy
 from test_train import TINY, metrics, one_error, rel_err, train_capturing_grads, train_main
 
@@ -33,11 +33,7 @@ TOL = 2**-8
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
     """Random token ids < 256: one train shard of 20,000 tokens, one val shard of 2,000."""
-    d = tmp_path_factory.mktemp("syn16")
-    rng = np.random.default_rng(0)
-    write_shard(str(d / "syn_train_000001.npy"), rng.integers(0, 256, 20000))
-    write_shard(str(d / "syn_val_000000.npy"), rng.integers(0, 256, 2000))
-    return str(d)
+    return write_syn_shards(tmp_path_factory.mktemp("syn16"), (20000,), 2000)
 
 
 def syn(data_dir, out_dir, *extra, dtype="float16"):
@@ -65,16 +61,8 @@ def test_float16_training_lowers_the_loss_without_a_host_sync_in_the_step(tmp_pa
     """Real text, GPT-2's padded vocabulary: the loss falls, every step is finite and none overflows at the
     default scale. The scaler's calls (scale, unscale_, step, update) read nothing back before optimizer.step
     (the fused AdamW skips an overflowed step on the device), as test_train checks for float32."""
-    events_, real_item, real_configure = [], torch.Tensor.item, train_gpt2.configure_optimizers
-
-    def configure(*a, **kw):
-        opt = real_configure(*a, **kw)
-        step, zero = opt.step, opt.zero_grad
-        opt.step = lambda *sa, **skw: events_.append("step") or step(*sa, **skw)
-        opt.zero_grad = lambda *za, **zkw: events_.append("zero_grad") or zero(*za, **zkw)
-        return opt
-    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: events_.append("item") or real_item(t))
+    events_ = []
+    spy_on_the_step(monkeypatch, train_gpt2, events_)
     out = tmp_path / "out"
     args = [a for a in TINY if a not in ("--dtype", "float32")] + [
         "--dtype", "float16", "--seq_len", 32, "--batch_size", 4, "--total_batch_size", 128, "--warmup_steps", 2,

@@ -11,12 +11,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_tree, write_hellaswag
-from data.shards import write_shard
+from conftest import ROOT, communicate, write_hellaswag, write_syn_shards
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks share the cores
 TIMEOUT = 300  # a rank left out of a collective hangs: the timeout turns that into a failure
@@ -38,12 +36,7 @@ def start(args, script="train_gpt2.py", nproc=0):
 
 def wait(p):
     """(exit code, stdout, stderr) of a started run; one that hangs is killed with its ranks after TIMEOUT."""
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_tree(p.pid)
-        out, err = p.communicate(timeout=30)
-        err += f"\n[killed after {TIMEOUT} s]"
+    out, err = communicate(p, TIMEOUT)
     return p.returncode, out, err
 
 
@@ -69,12 +62,7 @@ def weights(path):
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
     """Random ids < 256: 3 train shards (7,500 tokens), one val shard of 4,000."""
-    d = tmp_path_factory.mktemp("syn")
-    rng = np.random.default_rng(0)
-    for i, n in enumerate((3000, 2000, 2500), start=1):
-        write_shard(str(d / f"syn_train_{i:06d}.npy"), rng.integers(0, 256, n))
-    write_shard(str(d / "syn_val_000000.npy"), rng.integers(0, 256, 4000))
-    return str(d)
+    return write_syn_shards(tmp_path_factory.mktemp("syn"), (3000, 2000, 2500), 4000)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import HELLASWAG, ROOT, write_hellaswag
+from conftest import HELLASWAG, ROOT, spy_on_the_step, write_hellaswag
 from model import GPT
 from runtime import pick_dtype
 from config import PRESETS, TrainConfig, parse_args
@@ -422,16 +422,8 @@ def test_no_host_sync_before_the_optimizer_step_and_gc_frozen(tmp_path, shakespe
     """Reading .item() inside the step stalls a GPU's queue; the loss and norm are read after optimizer.step()."""
     import gc
     import train_gpt2
-    events, real_item, real_configure = [], torch.Tensor.item, train_gpt2.configure_optimizers
-
-    def configure(*a, **kw):
-        opt = real_configure(*a, **kw)
-        step, zero = opt.step, opt.zero_grad
-        opt.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
-        opt.zero_grad = lambda *a, **kw: events.append("zero_grad") or zero(*a, **kw)
-        return opt
-    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("item") or real_item(t))
+    events = []
+    spy_on_the_step(monkeypatch, train_gpt2, events)
     monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
     assert train_main(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 3), capsys)[0] == 0
     assert events.count("freeze") == 1 and events.index("freeze") < events.index("zero_grad")
