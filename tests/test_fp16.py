@@ -37,8 +37,10 @@ def syn_dir(tmp_path_factory):
 
 
 def syn(data_dir, out_dir, *extra, dtype="float16"):
-    """2 layers, 64 wide, vocab 256; 2 micro steps of 8 x 128 tokens per step (the scale applies per micro step)."""
-    return ["--vocab_size", 256, "--n_layer", 2, "--n_head", 2, "--n_embd", 64, "--block_size", 128, "--seq_len", 128,
+    """2 layers, 64 wide, vocab 256; 2 micro steps of 8 x 128 tokens per step (the scale applies per micro step).
+    The loss path is fixed: runs compared bit for bit would each time their own pick (auto), which a busy machine
+    can tip either way."""
+    return ["--loss", "fused", "--vocab_size", 256, "--n_layer", 2, "--n_head", 2, "--n_embd", 64, "--block_size", 128, "--seq_len", 128,
             "--batch_size", 8, "--total_batch_size", 2048, "--max_lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", 2,
             "--val_steps", 1, "--eval_interval", 100, "--compile", "false", "--device", "cpu", "--sample_interval", 0,
             "--hellaswag_interval", 0, "--dtype", dtype, "--data_dir", data_dir, "--out_dir", out_dir, *extra]
