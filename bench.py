@@ -22,10 +22,10 @@ tokenize: data/fineweb.py's tokenize against build-nanogpt's per-document encode
 process pool, on the same documents (Shakespeare's plays cut into ~4 KB documents).
 quality: time to quality. `train_gpt2.py --preset shakespeare` and build-nanogpt's recipe (its hyperparameters
 on the same 4L/4H/256 GPT: B=16 x T=256, lr 1e-3, 10 warmup steps, cosine to 10%, AdamW (0.9, 0.95), wd 0.1,
-clip 1.0, compile) each get --budget seconds of wall time on this machine, compile and setup included. Both
-fit their cosine to the budget (--time_budget, which build-nanogpt lacks: that is generous to it), train in
-the same dtype (auto), and are scored the same way at the end: float32 val loss on the first 10 val batches of
-16 x 256 tokens. Not part of the default set (it takes 2 x --budget).
+clip 1.0, GPT-2's N(0, 0.02) init, compile) each get --budget seconds of wall time on this machine, compile and
+setup included. Both fit their cosine to the budget (--time_budget, which build-nanogpt lacks: that is generous
+to it), train in the same dtype (auto), and are scored the same way at the end: float32 val loss on the first
+10 val batches of 16 x 256 tokens. Not part of the default set (it takes 2 x --budget).
 
 Rows are interleaved over --repeats rounds and the median is reported: shared machines are noisy,
 so compare the ratios, which are measured side by side.
@@ -49,10 +49,11 @@ from runtime import make_autocast, pick_dtype, pick_loss, resolve_device
 
 WHAT = ("train", "generate", "loader", "tokenize", "quality")
 DEFAULT = WHAT[:4]  # quality takes minutes: only when named
-# build-nanogpt's train_gpt2.py hyperparameters at the Shakespeare preset's model shape
+# build-nanogpt's train_gpt2.py hyperparameters at the Shakespeare preset's model shape; its GPT has lm_head, then
+# F.cross_entropy on the full logits
 BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1e-3, min_lr=1e-4, warmup_steps=10,
-                     weight_decay=0.1, grad_clip=1.0, compile="true", loss="plain", n_layer=4, n_head=4, n_embd=256,
-                     block_size=256, head_vocab="full")  # its GPT: lm_head, then F.cross_entropy on the full logits
+                     weight_decay=0.1, beta1=0.9, beta2=0.95, init_std=0.02, grad_clip=1.0, compile="true", loss="plain",
+                     n_layer=4, n_head=4, n_embd=256, block_size=256, head_vocab="full")
 
 
 def interleaved(runs, repeats, per_round=1, device="cpu"):

@@ -304,9 +304,10 @@ def start_run(cfg, d):
     """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
 
     Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path, parallel,
-    max_steps and head_vocab the checkpoint was trained with (auto measures again at every start and could
-    switch precision; --time_budget derived max_steps from this machine's speed; a model sharded to fit still
-    needs it); a flag given on the command line wins, with a note. Except a --head_vocab other than the
+    max_steps, head_vocab and AdamW betas the checkpoint was trained with (auto measures again at every start
+    and could switch precision; --time_budget derived max_steps from this machine's speed; a model sharded to
+    fit still needs it; Adam's moments are averages under those betas, and a preset's betas may change between
+    versions); a flag given on the command line wins, with a note. Except a --head_vocab other than the
     recorded one or full: fewer or other ids would tie rows the checkpoint trained on their own."""
     lock, ckpt, problem = None, None, None
     if d.master:
@@ -320,8 +321,9 @@ def start_run(cfg, d):
         raise ConfigError(problem)
     recorded = recorded_config(ckpt) if ckpt else {}
     if ckpt:
-        recorded.setdefault("head_vocab", "full")  # checkpoints from before --head_vocab trained the full head
-    for name in ("dtype", "compile", "loss", "parallel", "max_steps", "head_vocab"):
+        # checkpoints from before --head_vocab trained the full head, from before --beta1/--beta2 AdamW (0.9, 0.95)
+        recorded = {"head_vocab": "full", "beta1": 0.9, "beta2": 0.95, **recorded}
+    for name in ("dtype", "compile", "loss", "parallel", "max_steps", "head_vocab", "beta1", "beta2"):
         if name in recorded and recorded[name] != getattr(cfg, name):
             if name == "head_vocab" and name in getattr(cfg, "given", ()) and cfg.head_vocab != "full":
                 raise ConfigError(f"--head_vocab {cfg.head_vocab}: {ckpt} was trained with --head_vocab "

@@ -34,6 +34,9 @@ class TrainConfig:
     min_lr: float = 6e-5
     warmup_steps: int = 715
     weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW's betas
+    beta2: float = 0.95
+    init_std: float = 0.02  # --init_from scratch: weights start N(0, init_std) (GPT-2's 0.02)
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     val_steps: int = 20  # val batches per eval
@@ -148,7 +151,8 @@ def validate(cfg, world_size):
     for name in ("max_steps", "total_batch_size", "batch_size", "seq_len", "eval_interval", "val_steps",
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget"):
+    for name in ("max_lr", "min_lr", "weight_decay", "beta1", "beta2", "init_std", "grad_clip", "dropout",
+                 "time_budget"):
         need(math.isfinite(getattr(cfg, name)), f"--{name}: must be a finite number, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
                  "ckpt_interval", "run_steps", "hellaswag_interval", "time_budget"):
@@ -157,7 +161,11 @@ def validate(cfg, world_size):
     check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
     need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
-    need(0 <= cfg.dropout < 1, f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    for name in ("dropout", "beta1", "beta2"):
+        need(0 <= getattr(cfg, name) < 1, f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    need(cfg.init_std > 0, f"--init_std: must be positive, got {cfg.init_std}")
+    need("init_std" not in getattr(cfg, "given", ()) or cfg.init_from == "scratch", f"--init_std {cfg.init_std} "
+         f"sets the weights of a new model, and --init_from {cfg.init_from} loads them: use it with --init_from scratch")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     need(cfg.seq_len <= cfg.block_size, f"--seq_len {cfg.seq_len} is longer than --block_size {cfg.block_size}")
     per_step = cfg.batch_size * cfg.seq_len * world_size

@@ -46,6 +46,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    init_std: float = 0.02  # weights start N(0, init_std): GPT-2's 0.02 (HF's initializer_range)
 
 
 class KVCache:
@@ -189,14 +190,15 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.config.init_std
         if isinstance(module, nn.Linear):
-            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "residual_scale_init", False) else 0.02
+            std = std * (2 * self.config.n_layer) ** -0.5 if getattr(module, "residual_scale_init", False) else std
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) -> (logits, loss). Targets are token ids or -100 (ignored), shaped as idx.
@@ -456,8 +458,11 @@ def config_from_hf(d):
             raise ValueError(f"{k} must be a positive integer, got {d[k]!r}")
     if d["n_embd"] % d["n_head"]:
         raise ValueError(f"n_embd {d['n_embd']} is not divisible by n_head {d['n_head']}")
+    init_std = d.get("initializer_range", 0.02)
+    if type(init_std) not in (int, float) or not init_std > 0:
+        raise ValueError(f"initializer_range must be a positive number, got {init_std!r}")
     return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
-                     n_head=d["n_head"], n_embd=d["n_embd"], bias=True)
+                     n_head=d["n_head"], n_embd=d["n_embd"], bias=True, init_std=float(init_std))
 
 
 def config_to_hf(config, vocab_size=None):
@@ -468,7 +473,7 @@ def config_to_hf(config, vocab_size=None):
         "vocab_size": vocab, "n_positions": config.block_size, "n_ctx": config.block_size,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "layer_norm_epsilon": 1e-5, "initializer_range": config.init_std, "tie_word_embeddings": True,
         "bos_token_id": 50256 if vocab > 50256 else None, "eos_token_id": 50256 if vocab > 50256 else None,
     }
 

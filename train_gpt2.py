@@ -49,7 +49,7 @@ def build_model(cfg):
     """A fresh GPT of the configured shape, or pretrained weights (init_from)."""
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, init_std=cfg.init_std))
     return load_model(cfg.init_from, dropout=cfg.dropout)
 
 
@@ -171,7 +171,7 @@ def train(cfg):
     c = model.config
     d.print0(format_report({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": storage_report(c)}))
     run = wrap_model(model, cfg.parallel, cfg.compile, d)  # under FSDP `model` now holds this rank's shards
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, device_type=device_type)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), device_type)
     autocast, scaler = make_autocast(cfg.dtype, d.device), make_scaler(cfg.dtype, d.device)
     enc = get_encoding()
     hs_items = hellaswag.prepare(hs_examples, enc)  # tokenized once, scored at every HellaSwag eval
@@ -190,6 +190,8 @@ def train(cfg):
     scale = scaler.get_scale()  # float16's loss scale (1.0 otherwise)
     if ckpt:
         d.print0(f"resumed from {ckpt} at step {start}")
+        for group in optimizer.param_groups:  # the checkpoint's (start_run), or those given with a note
+            group["betas"] = (cfg.beta1, cfg.beta2)
     end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
     gc.collect()
     gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)

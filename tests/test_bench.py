@@ -112,8 +112,9 @@ def test_quality_trains_both_recipes_for_the_budget_and_scores_them_alike(tmp_pa
     runs = json.loads(out.read_text())["quality"]["runs"]
     ours, base = runs["ours (--preset shakespeare)"], runs["build-nanogpt's recipe"]
     assert (base["config"]["max_lr"], base["config"]["min_lr"], base["config"]["warmup_steps"]) == (1e-3, 1e-4, 10)
-    assert (ours["config"]["max_lr"], ours["config"]["warmup_steps"]) == \
-        (PRESETS["shakespeare"]["max_lr"], PRESETS["shakespeare"]["warmup_steps"])
+    assert (base["config"]["beta1"], base["config"]["beta2"], base["config"]["init_std"]) == (0.9, 0.95, 0.02)
+    for key in ("max_lr", "warmup_steps", "beta2", "init_std"):
+        assert ours["config"][key] == PRESETS["shakespeare"][key], key
     for run in (ours, base):
         assert run["config"]["time_budget"] == 4 and run["config"]["n_embd"] == 32
         assert run["steps"] >= 6 and run["tokens"] == run["steps"] * 64  # the budget is spent by the timed steps

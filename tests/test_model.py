@@ -485,3 +485,22 @@ def test_targets_with_a_cache_is_a_clear_error():
     idx = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="targets and cache do not go together"):
         model(idx, idx, cache=KVCache(model.config, 1, "cpu", torch.float32))
+
+
+def test_init_std_is_the_weights_spread_and_hf_s_initializer_range(tmp_path):
+    """init_std sets every weight's N(0, std) (residual projections / sqrt(2 n_layer)), as HF's initializer_range
+    does, and travels through config.json both ways."""
+    from model import config_from_hf, config_to_hf
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=2, n_embd=64, init_std=0.05))
+    h = model.transformer.h[0]
+    for w, std in ((model.transformer.wte.weight, 0.05), (model.transformer.wpe.weight, 0.05),
+                   (h.attn.c_attn.weight, 0.05), (h.mlp.c_fc.weight, 0.05), (h.mlp.c_proj.weight, 0.05 / 2)):
+        assert w.std().item() == pytest.approx(std, rel=0.05)
+    assert config_to_hf(model.config)["initializer_range"] == 0.05
+    assert config_from_hf(config_to_hf(model.config)).init_std == 0.05
+    model.save_pretrained(tmp_path / "m")
+    assert GPT.from_pretrained(str(tmp_path / "m")).config.init_std == 0.05
+    assert config_from_hf({**config_to_hf(GPTConfig()), "initializer_range": 0.02}).init_std == 0.02
+    with pytest.raises(ValueError, match="initializer_range must be a positive number, got 'x'"):
+        config_from_hf({**config_to_hf(GPTConfig()), "initializer_range": "x"})

@@ -325,6 +325,11 @@ def test_two_runs_into_one_out_dir_at_once_are_refused(tmp_path, shakespeare_dir
     (["--min_lr", "nan"], "--min_lr: must be a finite number"),
     (["--seed", "-1"], "--seed: must be in 0..4294967295"),
     (["--seed", str(2**32)], "--seed: must be in 0..4294967295"),
+    (["--beta2", "1"], "--beta2: must be in [0, 1), got 1.0"),
+    (["--beta1", "-0.5"], "--beta1: must be in [0, 1), got -0.5"),
+    (["--init_std", "0"], "--init_std: must be positive, got 0.0"),
+    (["--init_std", "0.05", "--init_from", "gpt2"], "--init_std 0.05 sets the weights of a new model, and --init_from "
+     "gpt2 loads them"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, shakespeare_dir, capsys, extra, message):
     out = tmp_path / "out"
@@ -767,3 +772,38 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
                                       "--resume", "auto"), capsys)  # no --max_steps: the recorded 9 holds
     assert code == 0 and calls == [], err  # no second timing: the checkpoint's max_steps (9) is kept
     assert metrics(part, "train_loss") == losses
+
+
+def test_betas_and_init_std_reach_the_optimizer_and_model_and_a_resume_keeps_the_betas(tmp_path, shakespeare_dir,
+                                                                                       capsys, monkeypatch):
+    """--beta1/--beta2 are AdamW's at every step; a resume keeps the checkpoint's unless they are given (then
+    with a note); --init_std is the scratch model's N(0, std)."""
+    import train_gpt2
+    seen = []
+    real_configure, real_build = train_gpt2.configure_optimizers, train_gpt2.build_model
+
+    def configure(*a, **kw):
+        opt = real_configure(*a, **kw)
+        step = opt.step
+        opt.step = lambda *sa, **skw: seen.append({g["betas"] for g in opt.param_groups}) or step(*sa, **skw)
+        return opt
+
+    def build(cfg):
+        model = real_build(cfg)
+        seen.append(model.transformer.h[0].mlp.c_fc.weight.std().item())
+        return model
+    monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
+    monkeypatch.setattr(train_gpt2, "build_model", build)
+    out = tmp_path / "out"
+    flags = ("--max_steps", 2, "--beta2", "0.99", "--init_std", "0.05")
+    assert train_main(tiny(shakespeare_dir, out, *flags), capsys)[0] == 0
+    assert seen[0] == pytest.approx(0.05, rel=0.05) and seen[1:] == [{(0.9, 0.99)}] * 2
+    assert json.loads((out / "train_config.json").read_text())["beta2"] == 0.99
+    seen.clear()
+    assert train_main(tiny(shakespeare_dir, out, "--max_steps", 3, "--resume", "auto"), capsys)[0] == 0
+    assert seen[-1] == {(0.9, 0.99)}  # step 2 (loading the optimizer's state may step it once before)
+    seen.clear()
+    code, stdout, _ = train_main(tiny(shakespeare_dir, out, "--max_steps", 5, "--resume", "auto", "--beta1", "0.8",
+                                      "--beta2", "0.999"), capsys)
+    assert code == 0 and seen[-2:] == [{(0.8, 0.999)}] * 2  # steps 3 and 4
+    assert "was trained with --beta2 0.99; resuming with 0.999" in stdout
