@@ -193,7 +193,8 @@ class GPT(nn.Module):
         """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
         std = self.config.init_std
         if isinstance(module, nn.Linear):
-            std = std * (2 * self.config.n_layer) ** -0.5 if getattr(module, "residual_scale_init", False) else std
+            if getattr(module, "residual_scale_init", False):
+                std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
