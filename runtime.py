@@ -180,7 +180,8 @@ def setup_dist(device):
         torch.cuda.set_device(device)
     # torch.distributed.nn (DDP imports it) binds the default group into function defaults when first
     # imported, which would keep the group and gloo's threads alive past destroy_process_group: import it first
-    import torch.distributed.nn  # noqa: F401 (imported for its side effect)
+    from torch.distributed import nn as _  # noqa: F401 (for its side effect; `import torch.distributed.nn` here
+    # would make `torch` a local name of this function, unbound above: torchrun on CUDA died at set_device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, device)
 

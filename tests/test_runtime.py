@@ -78,6 +78,25 @@ def test_resolve_device_takes_a_device_this_machine_has(monkeypatch, cuda, mps, 
     assert runtime.resolve_device(device) == expected
 
 
+@pytest.mark.parametrize("device, local_rank, expected, backend", [
+    ("auto", "1", "cuda:1", "nccl"), ("cuda", "0", "cuda:0", "nccl"), ("cpu", "1", "cpu", "gloo"),
+])
+def test_setup_dist_under_torchrun_binds_the_local_gpu_and_picks_the_backend(monkeypatch, device, local_rank,
+                                                                             expected, backend):
+    """Under torchrun each rank takes cuda:LOCAL_RANK and NCCL (gloo on CPU). On a 2-GPU machine stand-in: the
+    CUDA branch once died at set_device (UnboundLocalError: a later `import torch.distributed.nn` in the function
+    made `torch` a local name), which no CPU run reached; it was found on an H100."""
+    fake_machine(monkeypatch, 2 if backend == "nccl" else 0, False)
+    calls = []
+    monkeypatch.setattr(runtime.torch.cuda, "set_device", lambda dev: calls.append(("set_device", dev)))
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    for key, value in dict(RANK=local_rank, LOCAL_RANK=local_rank, WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    d = runtime.setup_dist(device)
+    assert (d.rank, d.local_rank, d.world_size, d.device) == (int(local_rank), int(local_rank), 2, expected)
+    assert calls == ([("set_device", expected)] if backend == "nccl" else []) + [("init", backend)]
+
+
 def test_first_and_agree_share_one_verdict_across_ranks(monkeypatch):
     """Each rank checks its share (first) or rank 0 decides (agree); every rank gets the same answer."""
     def all_gather_object(out, value):  # rank 1 of 2, whose peer (rank 0) found nothing
