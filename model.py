@@ -98,7 +98,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.size(0), rows):
             s, t = slice(i, i + rows), targets[i:i + rows].clamp(min=0)[:, None]  # (n, 1)
             logits = (xc[s] @ wc.t()).float()  # (n, V)
-            picked = logits.gather(1, t).squeeze(1)  # (n,): the target's logit, before the bias
+            # the target's logit, before the bias, as its own (n, 1, C) @ (n, C, 1) product rather than a gather
+            # from logits: inductor fused such gathers over all chunks with int32 offsets, which overflowed past
+            # 2^31 logits (GPT-2 124M at 64 x 1024 on CUDA, torch 2.11: an illegal memory access)
+            picked = (wc[t] @ xc[s, :, None]).float().view(-1)  # (n,)
             if bias is not None:
                 logits += bias  # (V,), float32 (GPT.set_head_vocab)
             lse = logits.logsumexp(dim=-1)  # (n,)

@@ -422,6 +422,32 @@ def test_fused_loss_under_bf16_autocast(monkeypatch, chunk):
         torch.testing.assert_close(g, r, rtol=2**-8, atol=2**-7 * r.abs().max().item())
 
 
+def test_fused_loss_reads_no_logit_by_index(monkeypatch):
+    """The target's logit comes from its own small matmul, not a gather from a chunk's logits: inductor fused
+    such gathers over all chunks into one kernel with int32 offsets, which overflowed past 2^31 logits (GPT-2
+    124M at 64 x 1024, vocab 50304, on an H100 with torch 2.11: an illegal memory access in eval and train)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr("model.LOGITS_CHUNK", 1000)  # 7 rows per chunk
+    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 128, (2, 2, 16))
+    x = model.hidden_states(idx).detach().flatten(0, 1)  # (32, 32)
+
+    class IndexedReads(TorchDispatchMode):  # ops that read a tensor at positions given by another tensor
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.gather, torch.ops.aten.index, torch.ops.aten.take):
+                self.seen.append((func.overloadpacket.__name__, tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+    with IndexedReads() as reads:
+        loss = model.head_loss(x, targets.flatten())
+    logits_wide = [r for r in reads.seen if r[1][-1] == 128]  # a read from a (rows, vocab) tensor
+    assert reads.seen and not logits_wide, reads.seen  # it does index the (vocab, C) weight, by target
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model.lm_head(x), targets.flatten()))
+
+
 def test_fused_loss_compiles():
     """dynamo + AOT autograd trace the Function; inductor's codegen runs in test_train's compiled training."""
     model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
