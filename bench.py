@@ -59,13 +59,20 @@ BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1
 def interleaved(runs, repeats, per_round=1, device="cpu"):
     """{name: fn} -> {name: median seconds of one call}, calling each in turn `repeats` rounds.
 
-    On CUDA each call is timed up to the end of its kernels (kernels launch asynchronously)."""
-    times = {name: [] for name in runs}
+    On CUDA each call is timed up to the end of its kernels (kernels launch asynchronously). A row that runs
+    out of GPU memory is left out of the result, with a line saying so."""
+    times, runs = {name: [] for name in runs}, dict(runs)
     for _ in range(repeats):
-        for name, fn in runs.items():
+        for name, fn in list(runs.items()):
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                fn()
+                try:
+                    fn()
+                except torch.cuda.OutOfMemoryError:  # the rows share one GPU, whose allocator fragments as they take
+                    print(f"  {name}: out of memory while timed; row skipped")  # turns: report the others
+                    del runs[name], times[name]
+                    torch.cuda.empty_cache()
+                    break
                 if device.startswith("cuda"):
                     torch.cuda.synchronize(device)
                 times[name].append(time.perf_counter() - t0)
@@ -147,9 +154,13 @@ def bench_train(args, device, dtype):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss = loss_of(fn)
-            loss.backward()
+            try:
+                with autocast:
+                    loss = loss_of(fn)
+                loss.backward()
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)  # the row is dropped: free its gradients for the others
+                raise
             opt.step()
         return step
     steps, memory = {name: make_step(*m) for name, m in models.items()}, {}
