@@ -20,8 +20,8 @@ differently, so agreement is only expected in float32); the timed rows then run 
 loader: tokens/s our ShardLoader serves at B=64, T=1024 (to the device), and ms per batch.
 tokenize: data/fineweb.py's tokenize against build-nanogpt's per-document encode_ordinary in a
 process pool, on the same documents (Shakespeare's plays cut into ~4 KB documents).
-quality: time to quality. `train_gpt2.py --preset shakespeare` and build-nanogpt's recipe (its hyperparameters
-on the same 4L/4H/256 GPT: B=16 x T=256, lr 1e-3, 10 warmup steps, cosine to 10%, AdamW (0.9, 0.95), wd 0.1,
+quality: time to quality. `train_gpt2.py --preset shakespeare` (a 4L/4H/96 GPT) and build-nanogpt's recipe (its
+hyperparameters on a 4L/4H/256 GPT: B=16 x T=256, lr 1e-3, 10 warmup steps, cosine to 10%, AdamW (0.9, 0.95), wd 0.1,
 clip 1.0, GPT-2's N(0, 0.02) init, compile) each get --budget seconds of wall time on this machine, compile and
 setup included. Both fit their cosine to the budget (--time_budget, which build-nanogpt lacks: that is generous
 to it), train in the same dtype (auto), and are scored the same way at the end: float32 val loss on the first

@@ -76,14 +76,16 @@ PRESETS = {
     "gpt2-xl": dict(**shape("gpt2-xl"), batch_size=8, max_lr=2e-4, min_lr=2e-5),
     # A small GPT in 5 minutes of a laptop CPU: the steps are what --time_budget fits (max_steps is a cap; 270 s
     # leaves room for a machine that slows down after the timed steps), and the hyperparameters won sweeps
-    # (README, "The Shakespeare preset"): the head trains on the 8,191 most frequent ids (97.9% of the train
-    # tokens; 1.4x the steps of all 19,084 ids, 2.3x the full head's); AdamW's beta2 0.999 and an init of
-    # N(0, 0.035) gave 0.18 nats more than build-nanogpt's 0.95 and 0.02 in the same steps. Compile on (the
-    # trainer's default): 1.5-1.9x eager at this shape, for ~20 s of compiling (README).
+    # (README, "The Shakespeare preset"): 96 wide (model.MODEL_SHAPES) with lr 2e-3, because at a few million
+    # tokens more, smaller steps win: it reached 5.0 in the steps a float32 (AVX2) CPU fits and 4.77 in a bf16
+    # one's, where 256 wide got 5.34 and 4.95; the head trains on the 8,191 most frequent ids (97.9% of the train
+    # tokens; 1.4x the steps of all 19,084 ids, 2.3x the full head's, at 256 wide); AdamW's beta2 0.999 and an
+    # init of N(0, 0.035) gave 0.18 nats more than build-nanogpt's 0.95 and 0.02 in the same steps. Compile on
+    # (the trainer's default): 1.5-1.9x eager at 256 wide, for ~20 s of compiling (README).
     "shakespeare": dict(
         **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=2000, time_budget=270,
-        max_lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1, beta2=0.999, init_std=0.035, eval_interval=100,
+        max_lr=2e-3, min_lr=2e-4, warmup_steps=10, weight_decay=0.1, beta2=0.999, init_std=0.035, eval_interval=100,
         val_steps=10, head_vocab="8191",
         hellaswag_interval=0, sample_interval=100, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True),
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per

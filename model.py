@@ -23,7 +23,7 @@ MODEL_SHAPES = {
     "gpt2-medium": (24, 16, 1024),
     "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
-    "shakespeare": (4, 4, 256),
+    "shakespeare": (4, 4, 96),
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 LOGITS_CHUNK = 2**28  # logits made at once by LinearCrossEntropy (1 GiB in float32; bf16 adds its copies)
