@@ -279,7 +279,7 @@ def train(cfg):
     if cfg.compile:
         d.print0(f"compiled graphs: {compiled_graphs() - graphs_before}")
     log.close()
-    if W > 1:
+    if dist.is_initialized():  # also torchrun with one rank, whose NCCL warned at exit that the group was not destroyed
         # DDP holds the group, and so do FSDP's units and its device mesh: free them (FSDP's hooks form reference
         # cycles, which gc.freeze kept), so that destroy_process_group drops the last reference and joins gloo's
         # threads. One still releasing a collective's tensors when Python exits aborts the rank (SIGABRT).

@@ -176,6 +176,25 @@ def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
     assert r.stdout.count("sample: ") == 4  # two samples at step 2 and at the last step
 
 
+def test_torchrun_with_one_rank_destroys_its_process_group(tmp_path, shakespeare_dir, monkeypatch):
+    """Under torchrun with --nproc_per_node=1 the group exists too, and the run ends it (on an H100, NCCL warned at
+    exit that destroy_process_group() was not called). In this process, with torchrun's variables set."""
+    import socket
+    import torch.distributed as dist
+    import train_gpt2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    destroyed, destroy = [], dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True) or destroy())
+    train_gpt2.main(TINY + ["--data_dir", shakespeare_dir, "--out_dir", str(tmp_path / "out"), "--device", "cpu",
+                            "--max_steps", "2", "--compile", "false", "--eval_interval", "100"])
+    assert len(destroyed) == 1 and not dist.is_initialized()
+
+
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
     """Same global batch of 8 sequences: 1 process x 4 micro steps of 2 == 2 gloo ranks x 2 micro steps of 2
     (grad accum = 512 / (2 * 64 * world)). Train loss, the pre-clip grad norm (which AdamW would hide a wrong
