@@ -56,11 +56,11 @@ BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1
                      n_layer=4, n_head=4, n_embd=256, block_size=256, head_vocab="full")
 
 
-def interleaved(runs, repeats, per_round=1, device="cpu"):
+def interleaved(runs, repeats, per_round=1, device="cpu", skip_oom=False):
     """{name: fn} -> {name: median seconds of one call}, calling each in turn `repeats` rounds.
 
-    On CUDA each call is timed up to the end of its kernels (kernels launch asynchronously). A row that runs
-    out of GPU memory is left out of the result, with a line saying so."""
+    On CUDA each call is timed up to the end of its kernels (kernels launch asynchronously). With skip_oom a row
+    that runs out of GPU memory is left out of the result, with a line saying so."""
     times, runs = {name: [] for name in runs}, dict(runs)
     for _ in range(repeats):
         for name, fn in list(runs.items()):
@@ -69,6 +69,8 @@ def interleaved(runs, repeats, per_round=1, device="cpu"):
                 try:
                     fn()
                 except torch.cuda.OutOfMemoryError:  # the rows share one GPU, whose allocator fragments as they take
+                    if not skip_oom:
+                        raise
                     print(f"  {name}: out of memory while timed; row skipped")  # turns: report the others
                     del runs[name], times[name]
                     torch.cuda.empty_cache()
@@ -176,7 +178,8 @@ def bench_train(args, device, dtype):
             continue
         peak = peak_memory(device)
         memory[name] = None if base is None or peak is None else peak - base
-    seconds = interleaved(steps, args.repeats, per_round=args.steps, device=device)
+    seconds = interleaved(steps, args.repeats, per_round=args.steps, device=device, skip_oom=True)
+    memory = {name: memory[name] for name in seconds}
     tokens = args.batch * args.seq_len
     rate = {name: tokens / s for name, s in seconds.items()}
     # the ceiling: model FLOPs per second against this device's speed on the step's largest matmul

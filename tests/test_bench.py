@@ -95,10 +95,13 @@ def test_interleaved_leaves_out_a_row_that_runs_out_of_gpu_memory_while_timed(ca
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB")
 
     runs = {"big": big, "small": lambda: calls.__setitem__("small", calls["small"] + 1)}
-    seconds = bench_py.interleaved(runs, repeats=3)
+    seconds = bench_py.interleaved(runs, repeats=3, skip_oom=True)
     assert list(seconds) == ["small"] and seconds["small"] >= 0 and calls == {"big": 2, "small": 3}
     assert list(runs) == ["big", "small"]  # the caller's dict is left alone
     assert "big: out of memory while timed; row skipped" in capsys.readouterr().out
+    calls["big"] = 1  # without skip_oom (the other benchmarks, which need every row) the error goes on
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        bench_py.interleaved(runs, repeats=1)
 
 
 def test_generate_checks_in_float32_then_times_in_the_dtype_asked(monkeypatch, capsys):

@@ -190,9 +190,13 @@ def test_torchrun_with_one_rank_destroys_its_process_group(tmp_path, shakespeare
         monkeypatch.setenv(key, value)
     destroyed, destroy = [], dist.destroy_process_group
     monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True) or destroy())
-    train_gpt2.main(TINY + ["--data_dir", shakespeare_dir, "--out_dir", str(tmp_path / "out"), "--device", "cpu",
-                            "--max_steps", "2", "--compile", "false", "--eval_interval", "100"])
-    assert len(destroyed) == 1 and not dist.is_initialized()
+    try:
+        train_gpt2.main(TINY + ["--data_dir", shakespeare_dir, "--out_dir", str(tmp_path / "out"), "--device", "cpu",
+                                "--max_steps", "2", "--compile", "false", "--eval_interval", "100"])
+        assert len(destroyed) == 1 and not dist.is_initialized()
+    finally:  # a failed run must not leave its group to the tests after it
+        if dist.is_initialized():
+            destroy()
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
