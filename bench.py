@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, configure_optimizers, gpu_peak_flops
+from model import GPT, LOGITS_CHUNK, GPTConfig, configure_optimizers, gpu_peak_flops
 from cli import ConfigError, OneLineParser, check_out_file, run_main
 from config import PRESETS
 from runtime import make_autocast, pick_dtype, pick_loss, resolve_device
 
-WHAT = ("train", "generate", "loader", "tokenize", "quality")
-DEFAULT = WHAT[:4]  # quality takes minutes: only when named
+WHAT = ("train", "loss", "generate", "loader", "tokenize", "quality")
+DEFAULT = WHAT[:5]  # quality takes minutes: only when named
 # build-nanogpt's train_gpt2.py hyperparameters at the Shakespeare preset's model shape; its GPT has lm_head, then
 # F.cross_entropy on the full logits
 BUILD_NANOGPT = dict(batch_size=16, seq_len=256, total_batch_size=4096, max_lr=1e-3, min_lr=1e-4, warmup_steps=10,
@@ -98,6 +98,25 @@ def peak_memory(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
     return rss_kib("VmHWM") * 1024 if os.path.exists("/proc/self/status") else None
+
+
+def warm_up(steps, device, shape):
+    """Call each of {name: step} twice (the first compiles) -> {name: peak memory of its second call, in bytes}.
+    A row that runs out of GPU memory is reported and removed from `steps`, so the others are still timed."""
+    memory = {}
+    for name, step in list(steps.items()):
+        try:
+            step()
+            base = peak_memory_reset(device)
+            step()
+        except torch.cuda.OutOfMemoryError:  # this row needs a smaller --batch
+            print(f"  {name}: out of memory at {shape}; row skipped")
+            del steps[name]
+            torch.cuda.empty_cache()
+            continue
+        peak = peak_memory(device)
+        memory[name] = None if base is None or peak is None else peak - base
+    return memory
 
 
 def rss_kib(field):
@@ -165,19 +184,8 @@ def bench_train(args, device, dtype):
                 raise
             opt.step()
         return step
-    steps, memory = {name: make_step(*m) for name, m in models.items()}, {}
-    for name, step in list(steps.items()):  # warm-up (compiles), and each row's peak memory
-        try:
-            step()
-            base = peak_memory_reset(device)
-            step()
-        except torch.cuda.OutOfMemoryError:  # report the others; this row needs a smaller --batch
-            print(f"  {name}: out of memory at B={args.batch}, T={args.seq_len}; row skipped")
-            del steps[name]
-            torch.cuda.empty_cache()
-            continue
-        peak = peak_memory(device)
-        memory[name] = None if base is None or peak is None else peak - base
+    steps = {name: make_step(*m) for name, m in models.items()}
+    memory = warm_up(steps, device, f"B={args.batch}, T={args.seq_len}")
     seconds = interleaved(steps, args.repeats, per_round=args.steps, device=device, skip_oom=True)
     memory = {name: memory[name] for name in seconds}
     tokens = args.batch * args.seq_len
@@ -208,6 +216,61 @@ def bench_train(args, device, dtype):
     return {"config": {**vars(args), "device": device, "dtype": dtype, "loss": loss_path}, "tokens_per_sec": rate,
             "peak_memory_bytes": memory, "ratios": ratios, "flops_per_token": flops, "matmul_flops_per_sec": mm_flops,
             **({"mfu": {n: flops * r / peak_flops for n, r in rate.items()}} if peak_flops else {})}
+
+
+def bench_loss(args, device, dtype):
+    """The head's loss alone, forward + backward, as training runs it (compiled; eager too): the fused loss at
+    several chunk sizes, one chunk for all rows included, and the plain lm_head + F.cross_entropy. The evidence
+    for model.LOGITS_CHUNK: splitting the logits into chunks of 2^28 costs nothing against fewer, larger chunks."""
+    dtype = pick_dtype(dtype, device)
+    rows, V = args.batch * args.seq_len, 50304
+    head = GPT(GPTConfig(block_size=1, vocab_size=V, n_layer=0, n_head=args.n_head, n_embd=args.n_embd)).to(device)
+    x = torch.randn(rows, args.n_embd, device=device, requires_grad=True)  # (N, C): ln_f's output
+    y = torch.randint(0, 50257, (rows,), device=device)  # (N,)
+    chunks = {}  # n_chunks: chunk, LOGITS_CHUNK's row first, then one row per other count (one chunk included)
+    for chunk in (LOGITS_CHUNK, 2**24, 2**26, rows * V):
+        chunks.setdefault(-(-rows * V // chunk), chunk)
+    autocast = make_autocast(dtype, device)
+
+    def make_step(chunk, compile):  # chunk None: the plain loss
+        fn = torch.compile(head.head_loss, dynamic=False) if compile else head.head_loss
+
+        def step():
+            head.fused_loss, head.logits_chunk = chunk is not None, chunk or LOGITS_CHUNK
+            with autocast:
+                loss = fn(x, y)
+            loss.backward()
+            x.grad = head.lm_head.weight.grad = None
+        return step
+    runs, kinds = {}, {}  # kinds: name -> (compiled or eager, chunk or None)
+    for compile in (True, False):
+        how = "compiled" if compile else "eager"
+        for n, chunk in sorted(chunks.items()):
+            name = f"fused {how}, {n} chunk{'s' if n > 1 else ''} of {-(-rows // n)} rows"
+            runs[name], kinds[name] = make_step(chunk, compile), (how, chunk)
+        runs[f"plain {how}, full logits"], kinds[f"plain {how}, full logits"] = make_step(None, compile), (how, None)
+    memory = warm_up(runs, device, f"{rows} rows")
+    seconds = interleaved(runs, args.repeats, device=device, skip_oom=True)
+    print(f"loss: ({rows} x {args.n_embd}) @ ({args.n_embd} x {V}) + cross-entropy, fwd+bwd, {device}, {dtype}, "
+          f"median of {args.repeats}; model.LOGITS_CHUNK = 2^{LOGITS_CHUNK.bit_length() - 1} logits per chunk")
+    mem_label = "peak alloc +" if device.startswith("cuda") else "peak RSS +"
+    for name, s in seconds.items():
+        mem = f"{memory[name] / 2**20:8.0f} MiB" if memory[name] is not None else "       n/a"
+        print(f"  {name:<44} {rows / s:9.1f} rows/s  {mem_label} {mem}")
+    shares = {}  # how close the default chunk, and what --loss auto can pick, come to the fastest row
+    for how in ("compiled", "eager"):
+        rate = {kinds[name][1]: rows / s for name, s in seconds.items() if kinds[name][0] == how}
+        fused = [r for chunk, r in rate.items() if chunk is not None]
+        if LOGITS_CHUNK in rate and fused:
+            shares[f"default_chunk_vs_fastest_fused_{how}"] = rate[LOGITS_CHUNK] / max(fused)
+        if LOGITS_CHUNK in rate and None in rate:
+            shares[f"auto_vs_fastest_{how}"] = max(rate[LOGITS_CHUNK], rate[None]) / max(rate.values())
+            print(f"  {how}: the fused loss at 2^{LOGITS_CHUNK.bit_length() - 1} at "
+                  f"{shares[f'default_chunk_vs_fastest_fused_{how}']:.0%} of the fastest fused row; the faster of it "
+                  f"and plain (what --loss auto picks) at {shares[f'auto_vs_fastest_{how}']:.0%} of the fastest row")
+    return {"config": {**vars(args), "device": device, "dtype": dtype, "logits_chunk": LOGITS_CHUNK},
+            "rows_per_sec": {name: rows / s for name, s in seconds.items()},
+            "peak_memory_bytes": {name: memory[name] for name in seconds}, "shares": shares}
 
 
 def greedy_recompute(model, idx, n):
@@ -427,7 +490,7 @@ def parse_args(argv=None):
 def with_shape(args, what, cuda):
     """args with the model shape of this benchmark: the flags', else the device's default; ConfigError if unusable."""
     shape = dict(n_layer=12, n_head=12, n_embd=768, batch=64, seq_len=1024) if cuda or what == "generate" else \
-        dict(n_layer=6, n_head=6, n_embd=384, batch=8, seq_len=256)
+        dict(n_layer=6, n_head=6, n_embd=384, batch=32 if what == "loss" else 8, seq_len=256)
     args = argparse.Namespace(**{**vars(args), **{k: v if getattr(args, k) is None else getattr(args, k)
                                                   for k, v in shape.items()}})
     if what in ("train", "generate") and args.n_embd % args.n_head:
@@ -441,7 +504,7 @@ def run(args):
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     todo = {what: with_shape(args, what, cuda) for what in args.what}  # every flag checked before any benchmark
-    bench = {"train": bench_train, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize,
+    bench = {"train": bench_train, "loss": bench_loss, "generate": bench_generate, "loader": bench_loader, "tokenize": bench_tokenize,
              "quality": bench_quality}
     result = {}
     for what, run_args in todo.items():

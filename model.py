@@ -86,14 +86,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, needs_grad, bias=None):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, dtype, needs_grad, bias=None, chunk=LOGITS_CHUNK):
+        # x (N, C), weight (V, C), targets (N,); bias (V,) or None; chunk: the most logits made at once
         valid = targets != -100  # (N,)
         n_valid = valid.sum().clamp(min=1)
         xc, wc = x.to(dtype), weight.to(dtype)
         losses = torch.empty(x.size(0), device=x.device)  # (N,)
         grad_x = torch.empty(x.shape, device=x.device) if needs_grad else None  # (N, C), float32
         grad_w = torch.zeros(weight.shape, device=x.device) if needs_grad else None  # (V, C), float32
-        n_chunks = -(-x.size(0) * weight.size(0) // LOGITS_CHUNK)  # ceil: chunks of at most LOGITS_CHUNK logits
+        n_chunks = -(-x.size(0) * weight.size(0) // chunk)  # ceil: chunks of at most `chunk` logits
         rows = -(-x.size(0) // n_chunks)
         for i in range(0, x.size(0), rows):
             s, t = slice(i, i + rows), targets[i:i + rows].clamp(min=0)[:, None]  # (n, 1)
@@ -118,7 +119,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,6 +190,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as GPT-2
         self.fused_loss = True  # see head_loss
+        self.logits_chunk = LOGITS_CHUNK  # the fused loss's logits per chunk
         self.head_cols = self.head_bias = self.head_col_of = self.head_rest = None  # see set_head_vocab
         self.apply(self._init_weights)
 
@@ -251,7 +253,7 @@ class GPT(nn.Module):
         autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-        return LinearCrossEntropy.apply(x, weight, targets, dtype, needs_grad, bias)
+        return LinearCrossEntropy.apply(x, weight, targets, dtype, needs_grad, bias, self.logits_chunk)
 
     @torch.no_grad()
     def set_head_vocab(self, ids):

@@ -25,7 +25,7 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
               "--json", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    assert list(result) == ["train", "generate", "loader", "tokenize"]
+    assert list(result) == ["train", "loss", "generate", "loader", "tokenize"]
     train = result["train"]
     other = {"fused": "plain", "plain": "fused"}[train["config"]["loss"]]  # the path --loss auto did not pick
     assert set(train["tokens_per_sec"]) == {"ours (as trained: compiled)", f"ours compiled, {other} loss", "ours eager",
@@ -48,7 +48,7 @@ def test_all_benchmarks_run_and_write_json(tmp_path):
 def test_unknown_benchmark_is_one_line_exit_2():
     r = bench("trian")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == \
-        ["error: unknown benchmark 'trian': expected any of train, generate, loader, tokenize, quality"]
+        ["error: unknown benchmark 'trian': expected any of train, loss, generate, loader, tokenize, quality"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -62,12 +62,35 @@ def test_unknown_benchmark_is_one_line_exit_2():
 def test_bad_flags_are_one_line_before_any_benchmark(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "file").write_text("x")
     ran = []
-    for what in ("train", "generate", "loader", "tokenize"):
+    for what in ("train", "loss", "generate", "loader", "tokenize"):
         monkeypatch.setattr(bench_py, f"bench_{what}", lambda *a, what=what: ran.append(what))
     with pytest.raises(SystemExit) as e:
         bench_py.main([a.format(p=tmp_path) for a in args] + ["--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: {message.format(p=tmp_path)}\n" and ran == []
+
+
+def test_loss_benchmark_times_the_chunk_sizes_and_both_paths(tmp_path):
+    """512 rows x 50304 logits: chunks of 2^24 make 2, every larger chunk (2^26, model.LOGITS_CHUNK) one."""
+    out = tmp_path / "bench.json"
+    r = bench("loss", "--n_embd", "32", "--n_head", "2", "--batch", "2", "--seq_len", "256", "--repeats", "1",
+              "--device", "cpu", "--dtype", "float32", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    loss = json.loads(out.read_text())["loss"]
+    rows = [f"{kind} {how}, {what}" for how in ("compiled", "eager") for kind, what in
+            [("fused", "1 chunk of 512 rows"), ("fused", "2 chunks of 256 rows"), ("plain", "full logits")]]
+    assert sorted(loss["rows_per_sec"]) == sorted(rows) and all(v > 0 for v in loss["rows_per_sec"].values())
+    assert loss["config"]["logits_chunk"] == 2**28 and loss["config"]["dtype"] == "float32"
+    shares = loss["shares"]
+    assert sorted(shares) == sorted(f"{k}_{how}" for k in ("default_chunk_vs_fastest_fused", "auto_vs_fastest")
+                                    for how in ("compiled", "eager"))
+    assert all(0 < v <= 1 for v in shares.values())
+    for how in ("compiled", "eager"):  # the faster of plain and the one-chunk row: the fastest of all but 2 chunks
+        rate = {k: v for k, v in loss["rows_per_sec"].items() if how in k}
+        best = max(rate[f"fused {how}, 1 chunk of 512 rows"], rate[f"plain {how}, full logits"])
+        assert shares[f"auto_vs_fastest_{how}"] == pytest.approx(best / max(rate.values()))
+    assert "loss: (512 x 32) @ (32 x 50304) + cross-entropy" in r.stdout
+    assert "eager: the fused loss at 2^28 at " in r.stdout, r.stdout
 
 
 def test_greedy_agreement_compares_ours_with_hf_even_at_endoftext():
