@@ -2,10 +2,11 @@
 
     python bench.py                          # everything, default shapes for the device
     python bench.py train --steps 3 --json bench.json
+    python bench.py loss                     # the head's loss alone: fused at several chunk sizes, and plain
     python bench.py generate --dtype bfloat16 --new_tokens 32
     python bench.py loader
     python bench.py tokenize
-    python bench.py quality                  # our Shakespeare preset, then build-nanogpt's recipe, 270 s each
+    python bench.py quality                  # our Shakespeare preset, then build-nanogpt's recipe, 280 s each
 
 train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
 (torch.compile on, the loss path --loss auto measures, fused AdamW), of our model eager (fused loss, and
@@ -13,6 +14,10 @@ plain), and of Hugging Face GPT2LMHeadModel (attn_implementation="sdpa") eager a
 picks what train_gpt2.py would). Goals on CPU of either kind: ours >= 1.05x HF compiled, and ours at >= 90%
 of this machine's rate on the step's largest matmul (the head's). On CUDA
 also MFU; goal >= 50% on an H100.
+loss: forward + backward of the head's loss alone (model.head_loss on random hidden states, vocab 50304), compiled
+and eager: the fused loss at model.LOGITS_CHUNK logits per chunk, at smaller chunks and in one chunk, and the plain
+lm_head + F.cross_entropy. It prints how close the default chunk comes to the fastest fused row, and the faster of
+it and plain (what --loss auto picks) to the fastest row: the evidence for the chunk size on this machine.
 generate: our KV-cache `generate` against recomputing the context every token (as build-nanogpt
 samples) and against HF `generate` with its cache (greedy, same weights). Goals: >= 5x, >= 1x.
 First, in float32, it reports whether the three pick the same greedy tokens (bf16 rounds each path
@@ -427,6 +432,7 @@ def bench_quality(args, device, dtype):
                 last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise ConfigError(f"quality: {name}: train_gpt2.py exited {run.returncode}: {last}")
             done = next(line for line in run.stdout.splitlines() if line.startswith("done:"))
+            budget = next(line for line in run.stdout.splitlines() if line.startswith("--time_budget"))
             with open(os.path.join(out_dir, "train_config.json")) as f:
                 cfg = json.load(f)  # as the run started (before --time_budget fixed max_steps)
             with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -435,14 +441,14 @@ def bench_quality(args, device, dtype):
             prompt = torch.tensor([enc.encode("ROMEO:\n")])
             sample = model.generate(prompt, 48, top_k=50, generator=torch.Generator().manual_seed(0))[0].tolist()
             rows[name] = dict(val_loss=val_loss(out_dir, data_dir), wall_s=wall, steps=steps,
-                              tokens=steps * cfg["total_batch_size"], done=done, config=cfg,
+                              tokens=steps * cfg["total_batch_size"], budget=budget, done=done, config=cfg,
                               sample=enc.decode([t for t in sample if t < enc.n_vocab]))
     print(f"quality: {args.budget:g} s of wall time each, {device}, dtype {dtype}; float32 val loss on the first "
           f"10 val batches of 16 x 256 of {data_dir}")
     for name, r in rows.items():
         print(f"  {name:<28} val {r['val_loss']:.3f}  {r['steps']} steps, {r['tokens'] / 1e6:.2f}M tokens, "
               f"{r['wall_s']:.0f} s wall")
-        print(f"    {r['done']}")
+        print(f"    {r['budget']}\n    {r['done']}")
         print(f"    sample: {r['sample']!r}")
     (ours, base) = (rows[n]["val_loss"] for n in recipes)
     print(f"  ours - build-nanogpt's recipe: {ours - base:+.3f} nats (goal <= -0.3; ours goal <= 5.0)")

@@ -26,7 +26,7 @@ MODEL_SHAPES = {
     "shakespeare": (4, 4, 96),
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-LOGITS_CHUNK = 2**28  # logits made at once by LinearCrossEntropy (1 GiB in float32; bf16 adds its copies)
+LOGITS_CHUNK = 2**28  # GPT.logits_chunk: logits made at once by the fused loss (1 GiB in float32); `bench.py loss`
 # Dense (not 2:4 sparse) bf16 tensor-core FLOP/s from NVIDIA's datasheets and whitepapers (GeForce: with fp32
 # accumulate, as training uses), keyed by the model in torch.cuda.get_device_name(); see gpu_peak_flops.
 GPU_PEAK_BF16_FLOPS = {

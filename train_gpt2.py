@@ -65,17 +65,22 @@ def find_shards(cfg, split, d):
 
 @torch.no_grad()
 def evaluate(model, loader, steps, d, autocast):
-    """Mean loss over `steps` batches of the loader from its start, averaged across ranks."""
+    """(mean loss over `steps` batches of the loader from its start, averaged across ranks; seconds per batch
+    after the first, which compiles on the first eval: what --time_budget counts an eval at)."""
     model.eval()
     loader.reset()
-    total = torch.zeros((), device=d.device)
-    for _ in range(steps):
+    total, t0 = torch.zeros((), device=d.device), time.time()
+    for i in range(steps):
         x, y = loader.next_batch()
         with autocast:
             _, loss = model(x.to(d.device), y.to(d.device))
         total += loss.detach().float()
+        if i == 0 and steps > 1:
+            total.item()  # waits for the first batch's kernels (CUDA)
+            t0 = time.time()
+    val_loss = d.mean(total / steps).item()
     model.train()
-    return d.mean(total / steps).item()
+    return val_loss, (time.time() - t0) / max(1, steps - 1)
 
 
 def forward_backward(model, x, y, grad_accum, autocast, scaler):
@@ -196,11 +201,11 @@ def train(cfg):
     gc.collect()
     gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
 
-    step = start
+    step, eval_batch_seconds = start, None
     while step < end:
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate(run.eval, val_loader, cfg.val_steps, d, autocast)
+            val_loss, eval_batch_seconds = evaluate(run.eval, val_loader, cfg.val_steps, d, autocast)
             d.print0(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step=step, val_loss=val_loss)
         if cfg.hellaswag_interval and (step % cfg.hellaswag_interval == 0 or last):
@@ -247,10 +252,13 @@ def train(cfg):
                                 f"{newest}); {hint}")
         step_times.append(dt)
         if cfg.time_budget and step == BUDGET_PROBE:  # rank 0's clock decides for all ranks
-            cfg.max_steps = d.agree(budget_steps(cfg, step, time.time() - t_run, statistics.median(step_times[1:] or step_times),
-                                                 grad_accum))
+            if eval_batch_seconds is None:  # resumed after step 0's eval: time one now
+                eval_batch_seconds = evaluate(run.eval, val_loader, cfg.val_steps, d, autocast)[1]
+            step_seconds = statistics.median(step_times[1:] or step_times)
+            cfg.max_steps = d.agree(budget_steps(cfg, step, time.time() - t_run, step_seconds, eval_batch_seconds))
             end = min(cfg.max_steps, start + cfg.run_steps) if cfg.run_steps else cfg.max_steps
-            d.print0(f"--time_budget {cfg.time_budget:g} s: max_steps {cfg.max_steps} (recorded in checkpoints)")
+            d.print0(f"--time_budget {cfg.time_budget:g} s: max_steps {cfg.max_steps} (recorded in checkpoints; "
+                     f"timed: a step {step_seconds * 1000:.0f} ms, an eval {cfg.val_steps * eval_batch_seconds:.1f} s)")
             log.write(step=step, max_steps=cfg.max_steps)
         tok_per_sec = cfg.total_batch_size / dt
         mfu = flops_per_token * tok_per_sec / (peak * W) if peak else None

@@ -162,6 +162,7 @@ def test_quality_trains_both_recipes_for_the_budget_and_scores_them_alike(tmp_pa
         assert run["config"]["time_budget"] == 4 and run["config"]["n_embd"] == 32
         assert run["steps"] >= 6 and run["tokens"] == run["steps"] * 64  # the budget is spent by the timed steps
         assert 5 < run["val_loss"] < 11.5 and run["done"].startswith("done: steps 0-")
+        assert run["budget"].startswith("--time_budget 4 s: max_steps ") and run["budget"] in r.stdout
     assert "ours - build-nanogpt's recipe" in r.stdout
 
 

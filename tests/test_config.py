@@ -6,19 +6,20 @@ from config import BUDGET_PROBE, TrainConfig, budget_steps
 
 def test_budget_steps_fits_the_steps_and_evals_left_in_the_budget():
     cfg = TrainConfig(time_budget=100, eval_interval=10, val_steps=6, max_steps=10_000)
-    # at step 5, 10 s in, 1 s a step, no accumulation: an eval is 6 forwards of 1/3 s = 2 s, 0.2 s a step
-    # amortized, and one more at the end: (0.97 * 100 - 10 - 2) / 1.2 = 70.8 -> 70 more steps after step 5
-    assert budget_steps(cfg, 5, 10.0, 1.0, grad_accum=1) == 5 + 1 + 70
-    # accumulation: a micro step is half of a 1 s step, so an eval costs 1 s: (97 - 10 - 1) / 1.1 = 78.2
-    assert budget_steps(cfg, 5, 10.0, 1.0, grad_accum=2) == 5 + 1 + 78
+    # at step 5, 10 s in, 1 s a step, a val batch 1/3 s: an eval is 6 batches = 2 s, 0.2 s a step amortized,
+    # and one more at the end: (0.97 * 100 - 10 - 2) / 1.2 = 70.8 -> 70 more steps after step 5
+    assert budget_steps(cfg, 5, 10.0, 1.0, 1 / 3) == 5 + 1 + 70
+    # evals as measured, not as the step suggests: the full head at eval, a val batch 2x the (--head_vocab)
+    # training step: an eval is 12 s, 1.2 s a step amortized: (97 - 10 - 12) / 2.2 = 34.1
+    assert budget_steps(cfg, 5, 10.0, 1.0, 2.0) == 5 + 1 + 34
     # a faster machine gets more steps, in proportion
-    assert budget_steps(cfg, 5, 10.0, 0.5, grad_accum=1) == 5 + 1 + int((97 - 10 - 1) / 0.6)
+    assert budget_steps(cfg, 5, 10.0, 0.5, 1 / 6) == 5 + 1 + int((97 - 10 - 1) / 0.6)
 
 
 def test_budget_steps_never_passes_max_steps_and_never_goes_back():
     cfg = TrainConfig(time_budget=100, eval_interval=10, val_steps=6, max_steps=50)
-    assert budget_steps(cfg, 5, 10.0, 0.01, grad_accum=1) == 50  # --max_steps is the cap
-    assert budget_steps(cfg, 5, 200.0, 1.0, grad_accum=1) == 6  # the budget is spent: stop after this step
+    assert budget_steps(cfg, 5, 10.0, 0.01, 0.01) == 50  # --max_steps is the cap
+    assert budget_steps(cfg, 5, 200.0, 1.0, 1 / 3) == 6  # the budget is spent: stop after this step
     assert BUDGET_PROBE >= 2  # at least one timed step after step 0, which compiles
 
 

@@ -768,15 +768,15 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
     from config import BUDGET_PROBE
     calls = []
 
-    def budget(cfg, step, elapsed, step_seconds, grad_accum):
-        calls.append((step, grad_accum))
-        assert elapsed > 0 and step_seconds > 0
+    def budget(cfg, step, elapsed, step_seconds, eval_batch_seconds):
+        calls.append(step)
+        assert elapsed > 0 and step_seconds > 0 and eval_batch_seconds > 0
         return 9
     monkeypatch.setattr(train_gpt2, "budget_steps", budget)
     args = ["--time_budget", 60, "--max_steps", 1000, "--warmup_steps", 2]
     whole, part = tmp_path / "whole", tmp_path / "part"
     code, text, err = train_main(tiny(shakespeare_dir, whole, *args), capsys)
-    assert code == 0 and calls == [(BUDGET_PROBE, 2)] and "--time_budget 60 s: max_steps 9" in text, err
+    assert code == 0 and calls == [BUDGET_PROBE] and "--time_budget 60 s: max_steps 9 (recorded" in text, err
     lines = [line for line in text.splitlines() if line.startswith("step") and " | loss " in line]  # the ETA waits
     # for the budget's max_steps
     assert all(f"eta after step {BUDGET_PROBE}" in line for line in lines[:BUDGET_PROBE]), lines
@@ -795,6 +795,12 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
                                       "--resume", "auto"), capsys)  # no --max_steps: the recorded 9 holds
     assert code == 0 and calls == [], err  # no second timing: the checkpoint's max_steps (9) is kept
     assert metrics(part, "train_loss") == losses
+
+    early = tmp_path / "early"  # stopped before the budget was fixed: the resume times the step and an eval
+    assert train_main(tiny(shakespeare_dir, early, *args, "--run_steps", BUDGET_PROBE - 2), capsys)[0] == 0
+    code, text, err = train_main(tiny(shakespeare_dir, early, *args, "--resume", "auto"), capsys)
+    assert code == 0 and calls == [BUDGET_PROBE] and "max_steps 9 (recorded" in text, err
+    assert metrics(early, "train_loss") == losses  # the extra eval changes nothing in training
 
 
 def test_betas_and_init_std_reach_the_optimizer_and_model_and_a_resume_keeps_the_betas(tmp_path, shakespeare_dir,
