@@ -9,15 +9,15 @@
     python bench.py quality                  # our Shakespeare preset, then build-nanogpt's recipe, 280 s each
 
 train: forward + backward + AdamW step, tokens/s and peak memory, of our model as training runs it
-(torch.compile on, the loss path --loss auto measures, fused AdamW), of our model eager (fused loss, and
+(torch.compile on, the loss path --loss auto picks, fused AdamW), of our model eager (fused loss, and
 plain), and of Hugging Face GPT2LMHeadModel (attn_implementation="sdpa") eager and compiled: same shapes, weights, batch and precision (--dtype auto
 picks what train_gpt2.py would). Goals on CPU of either kind: ours >= 1.05x HF compiled, and ours at >= 90%
 of this machine's rate on the step's largest matmul (the head's). On CUDA
 also MFU; goal >= 50% on an H100.
-loss: forward + backward of the head's loss alone (model.head_loss on random hidden states, vocab 50304), compiled
-and eager: the fused loss at model.LOGITS_CHUNK logits per chunk, at smaller chunks and in one chunk, and the plain
-lm_head + F.cross_entropy. It prints how close the default chunk comes to the fastest fused row, and the faster of
-it and plain (what --loss auto picks) to the fastest row: the evidence for the chunk size on this machine.
+loss: forward + backward of the head's loss alone (loss.linear_cross_entropy on random hidden states, vocab 50304), compiled
+and eager: the fused loss at loss.LOGITS_CHUNK logits per chunk, at smaller chunks and in one chunk, and the plain
+lm_head + F.cross_entropy. It prints how close the default chunk comes to the fastest fused row, and the path
+--loss auto picks by rule to the fastest row: the evidence for the chunk size and the rule on this machine.
 generate: our KV-cache `generate` against recomputing the context every token (as build-nanogpt
 samples) and against HF `generate` with its cache (greedy, same weights). Goals: >= 5x, >= 1x.
 First, in float32, it reports whether the three pick the same greedy tokens (bf16 rounds each path
@@ -45,12 +45,13 @@ import time
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from model import GPT, LOGITS_CHUNK, GPTConfig, configure_optimizers, gpu_peak_flops
 from cli import ConfigError, OneLineParser, check_out_file, run_main
 from config import PRESETS
-from runtime import make_autocast, pick_dtype, pick_loss, resolve_device
+from loss import LOGITS_CHUNK, LMLoss, linear_cross_entropy
+from model import GPT, GPTConfig
+from optim import configure_optimizers
+from runtime import flops_per_token, gpu_peak_flops, make_autocast, pick_dtype, pick_loss, resolve_device
 
 WHAT = ("train", "loss", "generate", "loader", "tokenize", "quality")
 DEFAULT = WHAT[:5]  # quality takes minutes: only when named
@@ -146,30 +147,28 @@ def same_weights_hf(ours, **kwargs):
 
 
 def bench_train(args, device, dtype):
-    dtype = pick_dtype(dtype, device)
+    dtype = pick_dtype(dtype, device)[0]
     device_type = "cuda" if device.startswith("cuda") else device
     config = GPTConfig(block_size=args.seq_len, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd)
     ours = GPT(config)
     hf = same_weights_hf(ours, attn_implementation="sdpa", use_cache=False).to(device).train()
     ours_eager = ours.to(device).train()
-    ours_compiled = GPT(config).to(device).train()
-    ours_compiled.load_state_dict(ours_eager.state_dict())
     x, y = torch.randint(0, 50257, (2, args.batch, args.seq_len), device=device)
     autocast = make_autocast(dtype, device)
-    loss_path = pick_loss("auto", ours_compiled, args.batch * args.seq_len, dtype, device, compile=True)  # as trained
-    other = "plain" if loss_path == "fused" else "fused"  # the path not picked, compiled: the pick's evidence
-    ours_other = GPT(config).to(device).train()
-    ours_other.load_state_dict(ours_eager.state_dict())
-    ours_other.fused_loss = other == "fused"
+    loss_path = pick_loss("auto", device, compile=True)[0]  # as trained
+    other = "plain" if loss_path == "fused" else "fused"  # the path not picked, compiled: the rule's evidence
 
-    def unfused_loss(m):  # what the fused loss replaces: the full logits, then cross-entropy on them
-        return F.cross_entropy(m.lm_head(m.hidden_states(x)).flatten(0, 1).float(), y.flatten())
+    def lm(fused):  # a copy of our model with its training loss (loss.LMLoss)
+        model = GPT(config).to(device).train()
+        model.load_state_dict(ours_eager.state_dict())
+        return LMLoss(model, fused=fused)
+    trained, not_picked, eager = lm(loss_path == "fused"), lm(other == "fused"), LMLoss(ours_eager, fused=True)
     models = {  # name: (module with parameters, the callable that trains, loss of (model, x, y))
-        "ours (as trained: compiled)": (ours_compiled, torch.compile(ours_compiled, dynamic=False), lambda m: m(x, y)[1]),
-        f"ours compiled, {other} loss": (ours_other, torch.compile(ours_other, dynamic=False), lambda m: m(x, y)[1]),
-        "ours eager": (ours_eager, ours_eager, lambda m: m(x, y)[1]),
-        "ours eager, unfused loss": (ours_eager, ours_eager, unfused_loss),
+        "ours (as trained: compiled)": (trained, torch.compile(trained, dynamic=False), lambda m: m(x, y)),
+        f"ours compiled, {other} loss": (not_picked, torch.compile(not_picked, dynamic=False), lambda m: m(x, y)),
+        "ours eager": (eager, eager, lambda m: m(x, y)),
+        "ours eager, unfused loss": (ours_eager, ours_eager, lambda m: m(x, y)[1]),  # full logits, F.cross_entropy
         "HF sdpa eager": (hf, hf, lambda m: m(input_ids=x, labels=y).loss),
         "HF sdpa compiled": (hf, torch.compile(hf), lambda m: m(input_ids=x, labels=y).loss),
     }
@@ -196,7 +195,7 @@ def bench_train(args, device, dtype):
     tokens = args.batch * args.seq_len
     rate = {name: tokens / s for name, s in seconds.items()}
     # the ceiling: model FLOPs per second against this device's speed on the step's largest matmul
-    flops, peak_flops = ours.flops_per_token(args.seq_len), None
+    flops, peak_flops = flops_per_token(config, args.seq_len), None
     mm_flops = matmul_flops(device, getattr(torch, dtype), tokens, args.n_embd, 50304)
     if device_type == "cuda":
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
@@ -226,10 +225,10 @@ def bench_train(args, device, dtype):
 def bench_loss(args, device, dtype):
     """The head's loss alone, forward + backward, as training runs it (compiled; eager too): the fused loss at
     several chunk sizes, one chunk for all rows included, and the plain lm_head + F.cross_entropy. The evidence
-    for model.LOGITS_CHUNK: splitting the logits into chunks of 2^28 costs nothing against fewer, larger chunks."""
-    dtype = pick_dtype(dtype, device)
+    for loss.LOGITS_CHUNK: splitting the logits into chunks of 2^28 costs nothing against fewer, larger chunks."""
+    dtype = pick_dtype(dtype, device)[0]
     rows, V = args.batch * args.seq_len, 50304
-    head = GPT(GPTConfig(block_size=1, vocab_size=V, n_layer=0, n_head=args.n_head, n_embd=args.n_embd)).to(device)
+    weight = torch.nn.Parameter(0.02 * torch.randn(V, args.n_embd, device=device))  # (V, C): the head
     x = torch.randn(rows, args.n_embd, device=device, requires_grad=True)  # (N, C): ln_f's output
     y = torch.randint(0, 50257, (rows,), device=device)  # (N,)
     chunks = {}  # n_chunks: chunk, LOGITS_CHUNK's row first, then one row per other count (one chunk included)
@@ -238,14 +237,15 @@ def bench_loss(args, device, dtype):
     autocast = make_autocast(dtype, device)
 
     def make_step(chunk, compile):  # chunk None: the plain loss
-        fn = torch.compile(head.head_loss, dynamic=False) if compile else head.head_loss
+        def loss_of(x, y):
+            return linear_cross_entropy(x, weight, y, fused=chunk is not None, chunk=chunk or LOGITS_CHUNK)
+        fn = torch.compile(loss_of, dynamic=False) if compile else loss_of
 
         def step():
-            head.fused_loss, head.logits_chunk = chunk is not None, chunk or LOGITS_CHUNK
             with autocast:
                 loss = fn(x, y)
             loss.backward()
-            x.grad = head.lm_head.weight.grad = None
+            x.grad = weight.grad = None
         return step
     runs, kinds = {}, {}  # kinds: name -> (compiled or eager, chunk or None)
     for compile in (True, False):
@@ -257,7 +257,7 @@ def bench_loss(args, device, dtype):
     memory = warm_up(runs, device, f"{rows} rows")
     seconds = interleaved(runs, args.repeats, device=device, skip_oom=True)
     print(f"loss: ({rows} x {args.n_embd}) @ ({args.n_embd} x {V}) + cross-entropy, fwd+bwd, {device}, {dtype}, "
-          f"median of {args.repeats}; model.LOGITS_CHUNK = 2^{LOGITS_CHUNK.bit_length() - 1} logits per chunk")
+          f"median of {args.repeats}; loss.LOGITS_CHUNK = 2^{LOGITS_CHUNK.bit_length() - 1} logits per chunk")
     mem_label = "peak alloc +" if device.startswith("cuda") else "peak RSS +"
     for name, s in seconds.items():
         mem = f"{memory[name] / 2**20:8.0f} MiB" if memory[name] is not None else "       n/a"
@@ -268,11 +268,12 @@ def bench_loss(args, device, dtype):
         fused = [r for chunk, r in rate.items() if chunk is not None]
         if LOGITS_CHUNK in rate and fused:
             shares[f"default_chunk_vs_fastest_fused_{how}"] = rate[LOGITS_CHUNK] / max(fused)
+        picked = pick_loss("auto", device, how == "compiled")[0]
         if LOGITS_CHUNK in rate and None in rate:
-            shares[f"auto_vs_fastest_{how}"] = max(rate[LOGITS_CHUNK], rate[None]) / max(rate.values())
+            shares[f"auto_vs_fastest_{how}"] = rate[None if picked == "plain" else LOGITS_CHUNK] / max(rate.values())
             print(f"  {how}: the fused loss at 2^{LOGITS_CHUNK.bit_length() - 1} at "
-                  f"{shares[f'default_chunk_vs_fastest_fused_{how}']:.0%} of the fastest fused row; the faster of it "
-                  f"and plain (what --loss auto picks) at {shares[f'auto_vs_fastest_{how}']:.0%} of the fastest row")
+                  f"{shares[f'default_chunk_vs_fastest_fused_{how}']:.0%} of the fastest fused row; {picked} (what "
+                  f"--loss auto picks) at {shares[f'auto_vs_fastest_{how}']:.0%} of the fastest row")
     return {"config": {**vars(args), "device": device, "dtype": dtype, "logits_chunk": LOGITS_CHUNK},
             "rows_per_sec": {name: rows / s for name, s in seconds.items()},
             "peak_memory_bytes": {name: memory[name] for name in seconds}, "shares": shares}
@@ -302,7 +303,7 @@ def greedy_agreement(ours, hf, idx, n):
 
 
 def bench_generate(args, device, dtype):
-    dtype = pick_dtype(dtype, device)  # the weights' dtype for the timed rows
+    dtype = pick_dtype(dtype, device)[0]  # the weights' dtype for the timed rows
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=50257)
     ours = GPT(config).eval().to(device)
     hf = same_weights_hf(ours).to(device).eval()
@@ -412,8 +413,9 @@ def val_loss(model_dir, data_dir, batches=10, B=16, T=256):
 def bench_quality(args, device, dtype):
     import subprocess
     import sys
+
     from data.tokenizer import get_encoding
-    dtype = pick_dtype(dtype, device)  # measured once: both runs train in the same precision
+    dtype = pick_dtype(dtype, device)[0]  # both runs train in the same precision
     recipes = {"ours (--preset shakespeare)": {},
                "build-nanogpt's recipe": {**BUILD_NANOGPT, "max_steps": 100_000}}
     enc, rows = get_encoding(), {}

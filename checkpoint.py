@@ -20,14 +20,14 @@ import re
 import shlex
 import shutil
 import socket
-from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import hf
 from cli import ConfigError
-from model import GPT, check_fits, hf_to_ours, read_hf_dir
+from model import GPT
 
 CKPT_FILES = ("config.json", "model.safetensors", "trainer.json", "trainer.pt")
 REAL_VOCAB = 50257  # GPT-2's tokens; rows past it are padding for speed
@@ -68,8 +68,7 @@ def full_state(model, optimizer=None):
     rank must call this), a plain or DDP model's are copied. The optimizer's state is keyed by parameter
     name ('transformer.h.0.attn.c_attn.weight'), not by position.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
@@ -77,20 +76,20 @@ def full_state(model, optimizer=None):
 
 def set_full_state(model, optimizer, model_sd, optimizer_sd):
     """Load full_state's dicts into model and optimizer; under FSDP each rank keeps its shard of them."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
 
 
-def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
-    """Write cfg.out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state (with float16's loss
-    scaler: its scale and growth tracker, so a resumed run scales, and skips, as the uninterrupted one would).
+def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scaler=None, record=None):
+    """Write out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state (with float16's loss
+    scaler: its scale and growth tracker, so a resumed run scales, and skips, as the uninterrupted one would),
+    and `record`: the run's TrainConfig and the decisions made at its start ({"config": ..., "run": ...}).
 
     Every rank calls this (the weights of a sharded model and the RNG states of all ranks are gathered);
     rank 0 writes into a temporary directory, renames it into place when complete, then prunes to the
-    newest cfg.keep_last.
+    newest keep_last.
     """
     weights, optimizer_sd = full_state(model, optimizer)
     rngs = [rng_state()]
@@ -99,8 +98,8 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
         dist.all_gather_object(rngs, rng_state())
     if not d.master:
         return
-    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
-    tmp = os.path.join(cfg.out_dir, f".tmp_ckpt_{step:06d}")
+    final = os.path.join(out_dir, f"ckpt_{step:06d}")
+    tmp = os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(tmp + ".old", ignore_errors=True)  # left by a kill between the two renames below
     vocab = min(model.config.vocab_size, REAL_VOCAB)
@@ -110,7 +109,7 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
                     "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs],
                     "scaler": scaler.state_dict() if scaler is not None else {}}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), "config": asdict(cfg),
+            json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), **(record or {}),
                        "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
     except Exception as e:  # a full disk surfaces as OSError, safetensors' SafetensorError or torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial directory filling the disk
@@ -121,7 +120,7 @@ def save_checkpoint(cfg, step, model, optimizer, loader, d, scaler=None):
         os.rename(final, tmp + ".old")
     os.rename(tmp, final)
     shutil.rmtree(tmp + ".old", ignore_errors=True)
-    for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+    for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old)
 
 
@@ -150,9 +149,12 @@ def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
         raise ConfigError(f"{path}/trainer.pt: optimizer state by position, from before checkpoints named it by "
                           f"parameter; it cannot be resumed, but its weights can be trained on: --init_from {path}")
     try:
-        sd = hf_to_ours(read_hf_dir(path)[1])
-        sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([sd["transformer.wte.weight"], state["vocab_pad"]])
-        check_fits(model, sd, source=path)
+        sd = hf.hf_to_ours(hf.read_dir(path)[1])
+        wte, pad = sd["transformer.wte.weight"], state["vocab_pad"]
+        if wte.size(-1) == pad.size(-1):  # the padded rows back (else the line below names the shapes)
+            sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([wte, pad])
+        if problem := hf.fit_problem(model.state_dict(), sd):
+            raise ValueError(f"{path}: weights do not fit the model: {problem}")
         set_full_state(model, optimizer, sd, state["optimizer"])
         if scaler is not None and state.get("scaler"):  # {}: written by a bfloat16/float32 run or before float16
             scaler.load_state_dict(state["scaler"])
@@ -166,14 +168,19 @@ def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
     return step
 
 
-def recorded_config(path):
-    """The TrainConfig (a dict) a checkpoint was written with, {} if unreadable (load_checkpoint says why)."""
+def recorded(path):
+    """(TrainConfig as a dict, the run's decisions: dtype, loss, max_steps) a checkpoint was written with; ({}, {})
+    if unreadable (load_checkpoint says why). Checkpoints from before "run" kept the decisions in the config."""
     try:
         with open(os.path.join(path, "trainer.json")) as f:
-            config = json.load(f).get("config")
-        return config if isinstance(config, dict) else {}
+            meta = json.load(f)
+        config = meta.get("config")
+        config = config if isinstance(config, dict) else {}
+        run = meta.get("run") if isinstance(meta.get("run"), dict) else {k: config[k] for k in
+                                                                        ("dtype", "loss", "max_steps") if k in config}
+        return config, run
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, {}
 
 
 # ----- out_dir: one run per directory -----
@@ -301,14 +308,8 @@ class MetricsLog:
 
 
 def start_run(cfg, d):
-    """Claim out_dir (a lock) and decide where the run starts; apply the checkpoint's measured choices.
-
-    Returns (lock, checkpoint path or None). A resumed run keeps the dtype, compile, loss path, parallel,
-    max_steps, head_vocab and AdamW betas the checkpoint was trained with (auto measures again at every start
-    and could switch precision; --time_budget derived max_steps from this machine's speed; a model sharded to
-    fit still needs it; Adam's moments are averages under those betas, and a preset's betas may change between
-    versions); a flag given on the command line wins, with a note. Except a --head_vocab other than the
-    recorded one or full: fewer or other ids would tie rows the checkpoint trained on their own."""
+    """Claim out_dir (a lock) and decide where the run starts: (lock, checkpoint path or None, the checkpoint's
+    recorded decisions: dtype, loss, max_steps; {} for a fresh run)."""
     lock, ckpt, problem = None, None, None
     if d.master:
         try:
@@ -319,21 +320,7 @@ def start_run(cfg, d):
     problem, ckpt = d.agree((problem, ckpt))
     if problem:
         raise ConfigError(problem)
-    recorded = recorded_config(ckpt) if ckpt else {}
-    if ckpt:
-        # checkpoints from before --head_vocab trained the full head, from before --beta1/--beta2 AdamW (0.9, 0.95)
-        recorded = {"head_vocab": "full", "beta1": 0.9, "beta2": 0.95, **recorded}
-    for name in ("dtype", "compile", "loss", "parallel", "max_steps", "head_vocab", "beta1", "beta2"):
-        if name in recorded and recorded[name] != getattr(cfg, name):
-            if name == "head_vocab" and name in getattr(cfg, "given", ()) and cfg.head_vocab != "full":
-                raise ConfigError(f"--head_vocab {cfg.head_vocab}: {ckpt} was trained with --head_vocab "
-                                  f"{recorded[name]}, and other ids would tie rows it trained on their own; resume "
-                                  f"with --head_vocab {recorded[name]} (or full)")
-            if name in getattr(cfg, "given", ()):
-                d.print0(f"note: {ckpt} was trained with --{name} {recorded[name]}; resuming with {getattr(cfg, name)}")
-            else:
-                setattr(cfg, name, recorded[name])
-    return lock, ckpt
+    return lock, ckpt, recorded(ckpt)[1] if ckpt else {}
 
 
 def resume_command(argv, out_dir):

@@ -8,9 +8,9 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-from checkpoint import list_checkpoints, missing_files
+from checkpoint import list_checkpoints, missing_files, recorded
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool
-from model import MODEL_SHAPES
+from model import GPT2_SHAPES
 from runtime import DTYPES, check_float16, pick_dtype, resolve_device
 
 
@@ -22,9 +22,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float16 | float32 (auto: see pick_dtype)
     compile: bool = True
-    loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: measured at start, see runtime.pick_loss)
+    loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: a rule, see runtime.pick_loss)
     parallel: str = "ddp"  # ddp | fsdp: how torchrun's ranks share the model (FSDP2 shards weights, grads, AdamW)
-    head_vocab: str = "full"  # full | train | N: the softmax over every id, or the train shards' (N most frequent) + 1 row
+    head_vocab: str = "full"  # full | train: the softmax over every id, or over the train shards' ids + 1 (loss.HeadVocab)
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -64,7 +64,7 @@ class TrainConfig:
 
 
 def shape(name):
-    n_layer, n_head, n_embd = MODEL_SHAPES[name]
+    n_layer, n_head, n_embd = GPT2_SHAPES[name]
     return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
 
@@ -74,20 +74,13 @@ PRESETS = {
     "gpt2-medium": dict(**shape("gpt2-medium"), batch_size=32, max_lr=3e-4, min_lr=3e-5),
     "gpt2-large": dict(**shape("gpt2-large"), batch_size=16, max_lr=2.5e-4, min_lr=2.5e-5),
     "gpt2-xl": dict(**shape("gpt2-xl"), batch_size=8, max_lr=2e-4, min_lr=2e-5),
-    # A small GPT in 5 minutes of a laptop CPU: the steps are what --time_budget fits (max_steps is a cap; 280 s
-    # leaves room for a machine that slows down after the timed steps; evals every 250 steps, as they score the
-    # full head), and the hyperparameters won sweeps
-    # (README, "The Shakespeare preset"): 96 wide (model.MODEL_SHAPES) with lr 2e-3, because at a few million
-    # tokens more, smaller steps win: it reached 5.0 in the steps a float32 (AVX2) CPU fits and 4.77 in a bf16
-    # one's, where 256 wide got 5.34 and 4.95; the head trains on the 8,191 most frequent ids (97.9% of the train
-    # tokens; 1.4x the steps of all 19,084 ids, 2.3x the full head's, at 256 wide); AdamW's beta2 0.999 and an
-    # init of N(0, 0.035) gave 0.18 nats more than build-nanogpt's 0.95 and 0.02 in the same steps. Compile on
-    # (the trainer's default): 1.5-1.9x eager at 256 wide, for ~20 s of compiling (README).
+    # A small GPT in 5 minutes of a laptop CPU: --time_budget fixes the steps that fit (max_steps is a cap; 280 s
+    # leaves room for a machine that slows down), and the shape and hyperparameters won sweeps (docs/shakespeare.md)
     "shakespeare": dict(
-        **shape("shakespeare"), data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
+        n_layer=4, n_head=4, n_embd=96, data_dir="data/shards/shakespeare", out_dir="out-shakespeare",
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=2000, time_budget=280,
         max_lr=2e-3, min_lr=2e-4, warmup_steps=10, weight_decay=0.1, beta2=0.999, init_std=0.035, eval_interval=250,
-        val_steps=10, head_vocab="8191",
+        val_steps=10, head_vocab="train",
         hellaswag_interval=0, sample_interval=100, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True),
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
     # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
@@ -98,8 +91,8 @@ PRESETS = {
         sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
 }
 CHOICES = {"preset": f"; presets: {', '.join(PRESETS)}",  # what --help adds to a flag's default
-           "dtype": f"; one of {', '.join(DTYPES)} (auto: bfloat16 on GPUs with native bf16, float16 on older ones "
-                    "such as T4 and V100, on CPU the faster of bfloat16 and float32)"}
+           "dtype": f"; one of {', '.join(DTYPES)} (auto: bfloat16 where the GPU or CPU has it natively, float16 on "
+                    "older GPUs such as T4 and V100, else float32)"}
 PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
                 "finetune": "python data/fineweb.py --input YOUR_TEXT --out_dir {data_dir}"}
 
@@ -123,6 +116,48 @@ def parse_args(argv=None, doc=None):
     return cfg
 
 
+# A resume may change any flag but these, which fix what the run is: its model, data, order and seed.
+FROZEN = ("preset", "data_dir", "seed", "seq_len", "shuffle", "n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+          "head_vocab", "init_from", "init_std")
+THIS_INVOCATION = ("resume", "overwrite", "out_dir", "run_steps")  # never taken from the checkpoint
+
+
+def resume_target(cfg):
+    """The checkpoint --resume names: PATH, the newest complete one in out_dir for auto, or None."""
+    if cfg.resume == "auto":
+        return (list_checkpoints(cfg.out_dir) or [None])[-1]
+    return cfg.resume if cfg.resume and os.path.isdir(cfg.resume) and not missing_files(cfg.resume) else None
+
+
+def restore(cfg):
+    """--resume: (the run's own TrainConfig from its checkpoint, with the flags given on the command line winning,
+    [one note per flag that changed a value]). A flag of FROZEN that differs is a ConfigError naming it; without
+    --resume, or with nothing to resume, cfg as it is."""
+    ckpt = resume_target(cfg)
+    config, decided = recorded(ckpt) if ckpt else ({}, {})
+    if not config:
+        return cfg, []
+    known = {f.name for f in fields(TrainConfig)}  # checkpoints from before --head_vocab and --beta1/2: their values
+    run = {"head_vocab": "full", "beta1": 0.9, "beta2": 0.95, **{k: v for k, v in config.items() if k in known}}
+    notes, given = [], getattr(cfg, "given", set())
+    for name in sorted(given - set(THIS_INVOCATION)):
+        value, was = getattr(cfg, name), decided.get(name, run.get(name))  # dtype auto: what auto picked
+        if value == was:
+            continue
+        if name in FROZEN:
+            raise ConfigError(f"--{name} {value}: {ckpt} was trained with --{name} {was}, which cannot change mid-run; "
+                              f"leave the flag out, or start a new run from its weights (--init_from {ckpt} --out_dir NEW)")
+        notes.append(f"--{name} {value} overrides the run's {was}")
+        run[name] = value
+    if run["head_vocab"] not in ("full", "train"):
+        raise ConfigError(f"--resume: {ckpt} was trained with --head_vocab {run['head_vocab']}, which this version no "
+                          f"longer has (it tied the input rows of ids the run trained on); start a new run from its "
+                          f"weights: --init_from {ckpt} --out_dir NEW")
+    restored = TrainConfig(**{**run, **{k: getattr(cfg, k) for k in THIS_INVOCATION}})
+    restored.given = given
+    return restored, notes
+
+
 def validate(cfg, world_size):
     """Raise ConfigError naming the flag for any value that cannot work."""
     def need(ok, msg):
@@ -134,11 +169,9 @@ def validate(cfg, world_size):
         check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
-    need(cfg.head_vocab in ("full", "train") or (cfg.head_vocab.isascii() and cfg.head_vocab.isdigit() and
-                                                 int(cfg.head_vocab) > 0),
-         f"--head_vocab: expected full, train or a positive number of ids, got {cfg.head_vocab!r}")
+    need(cfg.head_vocab in ("full", "train"), f"--head_vocab: expected full or train, got {cfg.head_vocab!r}")
     need(cfg.head_vocab == "full" or cfg.init_from == "scratch", f"--head_vocab {cfg.head_vocab} ties the rows of the "
-         f"ids it leaves out into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, or "
+         f"ids the train shards lack into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, or "
          f"--head_vocab full")
     need(cfg.head_vocab == "full" or cfg.parallel == "ddp", f"--head_vocab {cfg.head_vocab}: works with --parallel ddp "
          f"(FSDP shards the rows it ties), or use --head_vocab full")
@@ -148,7 +181,7 @@ def validate(cfg, world_size):
     # GradScaler checks for inf in each rank's own gradients: FSDP's are shards, so the ranks could disagree on
     # skipping a step and fall out of step with each other (DDP's are all-reduced, the same on every rank)
     fp16 = cfg.dtype == "float16" or (cfg.dtype == "auto" and device.startswith("cuda") and
-                                      pick_dtype("auto", device) == "float16")
+                                      pick_dtype("auto", device)[0] == "float16")
     need(not (fp16 and cfg.parallel == "fsdp" and world_size > 1),
          "--parallel fsdp with float16 (--dtype float16, or auto on a GPU without bf16): the loss scaler's overflow "
          "check is per rank and FSDP's gradients are sharded, so ranks could disagree on skipping a step; use "
@@ -184,7 +217,7 @@ def validate(cfg, world_size):
         newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
         hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
         raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
-    need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in MODEL_SHAPES,
+    need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in GPT2_SHAPES,
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
 
 

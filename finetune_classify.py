@@ -17,18 +17,21 @@ import csv
 import json
 import os
 import random
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import hf
 from checkpoint import MetricsLog, load_model, model_dir
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, run_main
-from data.fineweb import parse_json_line, text_field_of
 from data import DataError
+from data.fineweb import parse_json_line, text_field_of
 from data.tokenizer import EOT, get_encoding
-from model import GPT, config_to_hf, configure_optimizers, ours_to_hf, read_hf, write_hf_dir
+from model import GPT, GPT2_SHAPES, GPTConfig
+from optim import configure_optimizers
 from runtime import DTYPES, check_float16, make_autocast, make_scaler, pick_dtype, resolve_device
 
 EXTENSIONS = (".csv", ".jsonl")
@@ -37,13 +40,13 @@ DEFAULT_LR = {"head": 1e-3, "last_block": 2e-4, "all": 5e-5}
 
 
 class GPTClassifier(nn.Module):
-    """model.GPT's transformer plus `score`, a bias-free linear head over the hidden state (after ln_f)
-    of each sequence's last real token. Parameter names are HF's (transformer.*, score.weight)."""
+    """GPT-2's trunk (model.Transformer, HF's GPT2Model) plus `score`, a bias-free linear head over the hidden
+    state (after ln_f) of each sequence's last real token. Parameter names are HF's (transformer.*, score.weight)."""
 
-    def __init__(self, config, num_labels, id2label=None, transformer=None):
+    def __init__(self, config, num_labels, id2label=None):
         super().__init__()
         self.config = config
-        self.transformer = transformer if transformer is not None else GPT(config).transformer
+        self.transformer = GPT(config).transformer  # initialised as GPT-2's
         self.score = nn.Linear(config.n_embd, num_labels, bias=False)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
         self.id2label = list(id2label or [str(i) for i in range(num_labels)])
@@ -53,7 +56,7 @@ class GPTClassifier(nn.Module):
         """idx (B, T) -> logits (B, num_labels). attention_mask (B, T): 1 for tokens, 0 for RIGHT padding;
         None means every token is real. Attention is causal, so padding never reaches a real token."""
         B, T = idx.size()
-        x = GPT.hidden_states(self, idx)  # (B, T, C); it uses only .config and .transformer, which we share
+        x = self.transformer(idx)  # (B, T, C)
         last = torch.full((B,), T, device=idx.device) if attention_mask is None else attention_mask.long().sum(1)
         if (last == 0).any():
             raise ValueError("attention_mask has a row without a real token")
@@ -64,9 +67,8 @@ class GPTClassifier(nn.Module):
         """An HF GPT2ForSequenceClassification dir (with its head and labels), or GPT-2 weights with a fresh
         head of num_labels: an HF GPT2LMHeadModel dir, a gpt2* name, our training out_dir or ckpt dir."""
         path, labels = model_dir(name_or_path), None
-        config, sd = read_hf(path)
+        config, sd = hf.read(path, GPT2_SHAPES)
         head = sd.pop("score.weight", None)
-        gpt = GPT.from_hf_state_dict(config, sd, source=path)
         if head is not None:
             with open(os.path.join(path, "config.json")) as f:
                 id2label = json.load(f).get("id2label") or {}
@@ -75,20 +77,20 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"{name_or_path} has no classification head (score.weight); fine-tune one first")
         if head is not None and num_labels not in (None, head.size(0)):
             raise ValueError(f"{name_or_path} classifies into {head.size(0)} labels, the data has {num_labels}")
-        model = cls(gpt.config, num_labels or head.size(0), labels, transformer=gpt.transformer)
-        if head is not None:
-            model.score.weight.data.copy_(head)
+        model = cls(GPTConfig(**config), num_labels or head.size(0), labels)
+        sd = {k: v for k, v in hf.hf_to_ours(sd).items() if k != "lm_head.weight"}  # the trunk's weights
+        hf.load_checked(model, {**sd, "score.weight": model.score.weight.data if head is None else head}, source=path)
         model.has_head = head is not None
         return model
 
     def save_pretrained(self, path):
         """Write config.json and model.safetensors as HF's GPT2ForSequenceClassification (Conv1D weights
         transposed back), each under a temporary name renamed into place."""
-        config = {**config_to_hf(self.config), "architectures": ["GPT2ForSequenceClassification"],
+        config = {**hf.config_to_hf(asdict(self.config)), "architectures": ["GPT2ForSequenceClassification"],
                   "num_labels": len(self.id2label), "id2label": dict(enumerate(self.id2label)),
                   "label2id": {name: i for i, name in enumerate(self.id2label)}, "pad_token_id": EOT,
                   "problem_type": "single_label_classification"}
-        write_hf_dir(path, ours_to_hf(self.state_dict()), config)
+        hf.write_dir(path, hf.ours_to_hf(self.state_dict()), config)
 
 
 def read_rows(path, flag, text_field, label_field):
@@ -349,7 +351,7 @@ def run(args):
         raise ConfigError("finetune_classify.py runs in one process; start it with python, not torchrun")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device)[0]
     if dtype == "float16":
         check_float16(device)
     if args.predict is not None:

@@ -2,7 +2,7 @@
 (--wandb_project NAME). metrics.jsonl stays the record; MetricsLog hands each tracker a copy of every event.
 
     check_loggers(cfg)                          # at start: a missing package is one error line, before any work
-    loggers = open_loggers(cfg, resumed=False)  # rank 0, once out_dir is claimed
+    loggers = open_loggers(cfg, config, resumed=False)  # rank 0, once out_dir is claimed; config: what to record
     log = MetricsLog(path, True, loggers)       # log.write(step=..., train_loss=...), log.text(...), log.close()
 
 Neither package is a dependency: each is imported only when its flag is given.
@@ -10,7 +10,6 @@ Neither package is a dependency: each is imported only when its flag is given.
 import html
 import importlib
 import os
-from dataclasses import asdict
 
 from cli import ConfigError, check_out_dir
 
@@ -31,10 +30,11 @@ def check_loggers(cfg):
                 raise ConfigError(f"--{flag}: needs the {package} package: pip install {package}") from None
 
 
-def open_loggers(cfg, resumed):
-    """The trackers the flags ask for (call on rank 0 only). resumed: the run continues from a checkpoint."""
+def open_loggers(cfg, config, resumed):
+    """The trackers the flags ask for (call on rank 0 only). config: the run's settings as trained (a dict, for
+    wandb's config); resumed: the run continues from a checkpoint."""
     return ([TensorBoardLogger(cfg.tensorboard)] if cfg.tensorboard else []) + \
-        ([WandbLogger(cfg, resumed)] if cfg.wandb_project else [])
+        ([WandbLogger(cfg, config, resumed)] if cfg.wandb_project else [])
 
 
 class TensorBoardLogger:
@@ -60,16 +60,16 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """A wandb run: project --wandb_project, name the out_dir's basename, config the TrainConfig.
+    """A wandb run: project --wandb_project, name the out_dir's basename, config the run's settings as trained.
 
     Its id is kept in out_dir/wandb_run_id, so a resumed run (--resume) continues the same wandb run.
     Each event is one history row with a `step` key, the x axis of every chart (define_metric): a resumed
     run that repeats steps after a crash adds rows rather than being dropped as out of order. Local files
     go to $WANDB_DIR, else out_dir/wandb/. WANDB_MODE=offline works without an account."""
 
-    def __init__(self, cfg, resumed):
+    def __init__(self, cfg, config, resumed):
         import wandb
-        self.wandb, self.cfg, self.config_sent = wandb, cfg, False
+        self.wandb = wandb
         id_path = os.path.join(cfg.out_dir, "wandb_run_id")
         run_id = None
         if resumed and os.path.isfile(id_path):
@@ -77,7 +77,7 @@ class WandbLogger:
                 run_id = f.read().strip() or None
         try:
             self.run = wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                                  id=run_id, resume="allow" if run_id else None, config=asdict(cfg),
+                                  id=run_id, resume="allow" if run_id else None, config=config,
                                   dir=os.environ.get("WANDB_DIR") or cfg.out_dir)
         except wandb.errors.Error as e:  # not logged in, a bad project name, ...
             raise ConfigError(f"--wandb_project: wandb could not start the run ({str(e).splitlines()[0]}); log in "
@@ -88,9 +88,6 @@ class WandbLogger:
         self.run.define_metric("*", step_metric="step")
 
     def _log(self, row):
-        if not self.config_sent:  # the trainer resolves dtype "auto" after the run opens: send the final config
-            self.run.config.update(asdict(self.cfg), allow_val_change=True)
-            self.config_sent = True
         self.run.log(row)
 
     def scalars(self, step, values):

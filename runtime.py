@@ -1,24 +1,29 @@
-"""Where a script runs: the device, the autocast dtype, and the ranks of a torchrun job.
+"""Where a script runs: the device, the autocast dtype, the loss path, the ranks of a torchrun job, and FLOPs.
 
     d = setup_dist("auto")                  # Dist(rank, local_rank, world_size, device); one process: rank 0 of 1
-    dtype = pick_dtype("auto", d.device)    # bfloat16 on recent GPUs, float16 on T4/V100; CPU: the faster
+    dtype = pick_dtype("auto", d.device)    # a rule over the hardware: bfloat16 where it is native, else ...
     scaler = make_scaler(dtype, d.device)   # float16's loss scaling; a pass-through for the other dtypes
     with make_autocast(dtype, d.device):
         ...
-    run = wrap_model(model, "fsdp", compile=True, d=d)   # run.train(x, y), run.eval(x, y), run.sync(False)
+    run = wrap_model(LMLoss(model), "fsdp", compile=True, d=d)   # run.train(x, y), run.eval(x, y), run.logits(x)
+
+dtype and loss path are rules over the hardware and software, never timings taken at start, so that one
+command gives the same bits every time; the evidence for each rule is in docs/ (bench.py rows).
 """
 import logging
 import os
-import time
+import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import ConfigError
+from model import param_counts
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's values
 
@@ -44,38 +49,38 @@ def resolve_device(device):
     return device
 
 
-def matmul_seconds(dtype, device, repeats=7):
-    """Seconds for three 256^3 matmuls in dtype on device, the fastest of `repeats` tries after a warm-up:
-    pick_dtype's measurement. The minimum, because another process on the machine only ever adds time
-    (one try of a fraction of a millisecond once picked float32 on a bf16-native CPU while a script started)."""
-    a = torch.randn(256, 256, device=device, dtype=dtype)
-    a @ a
-    tries = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        tries.append(time.perf_counter() - t0)
-    return min(tries)
+def native_bf16_cpu():
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch reports it."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def pick_dtype(dtype, device):
-    """'auto' -> on CUDA bfloat16 where the GPU has it natively (Ampere, sm_80, and later), else float16 (T4, V100,
-    Colab's free GPUs); elsewhere whichever of bfloat16 and float32 multiplies faster here.
+    """(dtype, why): 'auto' -> on CUDA bfloat16 where the GPU has it natively (Ampere, sm_80, and later), else
+    float16 (T4, V100, Colab's free GPUs); on a CPU bfloat16 where torch reports native bf16 (AVX512-BF16 or AMX),
+    else float32 (AVX2-only CPUs emulate bf16 matmuls, about 200x slower); elsewhere (mps) float32.
 
-    torch.cuda.is_bf16_supported() says yes by default also where bf16 is only emulated (sm_75 and older), slowly
-    and without bf16 tensor-core kernels: including_emulation=False asks about the hardware. It asks the current
-    device, which setup_dist sets to the rank's GPU under torchrun.
-
-    CPUs without native bf16 (AVX2 only) run bf16 matmuls ~200x slower than fp32; those with
-    AVX512-BF16 or AMX run them faster. A 256^3 matmul in each settles it in milliseconds.
-    """
+    torch.cuda.is_bf16_supported() says yes by default also where bf16 is only emulated (sm_75 and older):
+    including_emulation=False asks about the hardware, of the current device (setup_dist sets the rank's GPU)."""
     if dtype != "auto":
-        return dtype
+        return dtype, "given"
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    faster = matmul_seconds(torch.bfloat16, device) < matmul_seconds(torch.float32, device)
-    return "bfloat16" if faster else "float32"
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bfloat16", "native on this GPU") if native else ("float16", "this GPU has no native bf16")
+    if device == "cpu":
+        return ("bfloat16", "native bf16 on this CPU") if native_bf16_cpu() else ("float32", "no native bf16 on this CPU")
+    return "float32", f"on {device}"
+
+
+def pick_loss(loss, device, compile):
+    """(loss path, why): 'auto' -> 'fused' or 'plain' by a rule that bench.py's rows back (docs/cpu.md, docs/gpu.md).
+    On CUDA fused: the plain path's full logits are the largest tensor of a step (6.6 GB in bf16 for GPT-2 124M at
+    64 x 1024). On CPU compiled plain (inductor fuses the softmax over the logits well), eager fused."""
+    if loss != "auto":
+        return loss, "given"
+    if device.startswith("cuda"):
+        return "fused", "CUDA: the full logits would be the largest tensor"
+    return ("plain", "compiled on CPU") if compile else ("fused", "eager on CPU")
 
 
 def make_autocast(dtype, device):
@@ -209,58 +214,26 @@ def compiled_graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def loss_seconds(model, fused, rows, dtype, device, compile=False):
-    """Seconds for one forward and backward of model.head_loss on `rows` random hidden states, fused or
-    plain, in dtype's autocast, compiled or eager as training will run it: the fastest of two tries after a
-    warm-up (which compiles). pick_loss's measurement."""
-    x = torch.randn(rows, model.config.n_embd, device=device, requires_grad=True)  # (N, C)
-    targets = torch.randint(0, model.config.vocab_size, (rows,), device=device)  # (N,)
-    model.fused_loss, tries = fused, []
-    head_loss = torch.compile(lambda x, t: model.head_loss(x, t), dynamic=False) if compile else model.head_loss
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with make_autocast(dtype, device):
-            loss = head_loss(x, targets)
-        loss.backward()
-        tries.append(time.perf_counter() - t0)
-    model.lm_head.weight.grad = None
-    return min(tries[1:])
-
-
-def pick_loss(loss, model, rows, dtype, device, compile=False):
-    """--loss: 'auto' -> 'fused' or 'plain'. On CUDA fused: the plain path's full logits are the largest
-    tensor of a step (6.6 GB in bf16 for GPT-2 124M at 64 x 1024), so even measuring it could run out of
-    memory. On CPU whichever trains the head faster here, timed at one micro batch (`rows` = B * T) and
-    compiled if training compiles: which wins depends on the CPU, the dtype, the thread count and compile
-    (2-core AVX512-BF16 CPU, bf16, the Shakespeare shape: fused 1.14x plain eager, plain 1.19x fused
-    compiled; README, Results). A few seconds eager, some more to compile the two small graphs."""
-    if loss == "auto":
-        if device.startswith("cuda"):
-            loss = "fused"
-        else:
-            fused, plain = (loss_seconds(model, f, rows, dtype, device, compile) for f in (True, False))
-            loss = "fused" if fused <= plain else "plain"
-    model.fused_loss = loss == "fused"
-    return loss
-
-
 class Wrapped(NamedTuple):
     """The model as the training loop calls it (see wrap_model)."""
-    train: torch.nn.Module  # the training forward: DDP(compiled), the compiled FSDP model, or compiled
-    eval: torch.nn.Module  # val loss and HellaSwag forwards: the compiled model (without DDP's hooks)
+    train: torch.nn.Module  # LMLoss as trained: DDP(compiled), the compiled FSDP module, or compiled
+    eval: torch.nn.Module  # the val loss: the compiled LMLoss (without DDP's hooks)
+    logits: Callable  # idx (B, T) -> logits (B, T, vocab): HellaSwag's forward
+    generate: Callable  # GPT.generate, on every rank under FSDP (each forward gathers the weights)
     sync: Callable[[bool], None]  # sync(False): the next backward keeps its gradients local (a micro step)
     release: Callable[[], None]  # before destroy_process_group: drop our references to the process group
 
 
-def wrap_model(model, parallel, compile, d):
-    """Compile `model` and spread it over torchrun's ranks: the one place a parallelism is applied.
+def wrap_model(lm, parallel, compile, d):
+    """Compile lm (a loss.LMLoss) and spread it over torchrun's ranks: the one place a parallelism is applied.
 
-    ddp: each rank holds all of the model; DDP all-reduces the gradients in backward. fsdp (FSDP2's
-    fully_shard): each transformer block, then the root (wte = lm_head, tied, wpe, ln_f), becomes a unit
-    whose weights, gradients and AdamW state are sharded over the ranks; a unit's weights are all-gathered
-    just before its forward and backward, and its gradients reduce-scattered after. The change is in place:
-    `model`'s parameters become DTensor shards, so build the optimizer over `model` after this call, and
-    every rank must join every forward (generate and eval included). One process: compiled only.
+    ddp: each rank holds all of the model; DDP all-reduces the gradients in backward. fsdp (FSDP2's fully_shard):
+    each transformer block, then lm as the root (wte = lm_head, tied, wpe, ln_f), becomes a unit whose weights,
+    gradients and AdamW state are sharded over the ranks; a unit's weights are all-gathered just before its
+    forward and backward, and its gradients reduce-scattered after. lm's logits and generate are registered as
+    forwards too, so they gather the root's weights. The change is in place: the model's parameters become
+    DTensor shards, so build the optimizer after this call, and every rank must join every forward (generate and
+    eval included), eager for those two. One process: compiled only.
     sync(flag) is set before each micro step's forward (DDP reads it there): False accumulates locally, True
     (the last micro step) reduces; under FSDP the unsynced gradients are held unsharded (4 bytes/param).
     Shapes are static: every use pads to one shape, and automatic dynamic shapes crash DDP's graph splitting.
@@ -270,15 +243,53 @@ def wrap_model(model, parallel, compile, d):
     fsdp = parallel == "fsdp" and d.world_size > 1
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         mesh = init_device_mesh(d.device.split(":")[0], (d.world_size,))
-        for block in model.transformer.h:
+        for block in lm.model.transformer.h:
             fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    compiled = torch.compile(model, dynamic=False) if compile else model
+        fully_shard(lm, mesh=mesh)
+        for method in ("logits", "generate"):
+            register_fsdp_forward_method(lm, method)
+    compiled = torch.compile(lm, dynamic=False) if compile else lm
     if fsdp:
-        return Wrapped(compiled, compiled, model.set_requires_gradient_sync, mesh._pg_registry.clear)
+        return Wrapped(compiled, compiled, lm.logits, lm.generate, lm.set_requires_gradient_sync,
+                       mesh._pg_registry.clear)
+    model = torch.compile(lm.model, dynamic=False) if compile else lm.model
+    logits = lambda idx: model(idx)[0]  # noqa: E731
     if d.world_size == 1:
-        return Wrapped(compiled, compiled, lambda sync: None, lambda: None)
+        return Wrapped(compiled, compiled, logits, lm.generate, lambda sync: None, lambda: None)
     ddp = DDP(compiled, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
-    return Wrapped(ddp, compiled, lambda sync: setattr(ddp, "require_backward_grad_sync", sync), lambda: None)
+    return Wrapped(ddp, compiled, logits, lm.generate, lambda sync: setattr(ddp, "require_backward_grad_sync", sync),
+                   lambda: None)
+
+
+# Dense (not 2:4 sparse) bf16 tensor-core FLOP/s from NVIDIA's datasheets and whitepapers (GeForce: with fp32
+# accumulate, as training uses), keyed by the model in torch.cuda.get_device_name(); see gpu_peak_flops.
+GPU_PEAK_BF16_FLOPS = {
+    "B200": 2250e12, "H200": 989e12, "H200 NVL": 835.5e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835.5e12,  # "H100" is the SXM card ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,  # 40GB and 80GB, PCIe and SXM alike
+    "L40S": 362.05e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12,
+}
+
+
+def gpu_peak_flops(device_name):
+    """Dense bf16 peak FLOP/s of a GPU named as torch.cuda.get_device_name() names it, else None.
+
+    A model must stand whole in the name, followed by its end, '-' or a memory size ("NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 80GB HBM3"): so "H100 NVL", "RTX 3090 Ti", "A10G" or "GH200" never take another card's figure.
+    """
+    for model, flops in GPU_PEAK_BF16_FLOPS.items():
+        if re.search(rf"\b{re.escape(model)}($|-| \d+GB)", device_name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
+def flops_per_token(config, seq_len, convention="nanogpt"):
+    """Training FLOPs per token. nanoGPT's (and PaLM's) count: 6N for the matmuls, N without the position
+    embeddings, which do no matmul, plus 12 * L * C * T for attention. llm.c's: 6N with every parameter, plus
+    6 * L * C * T, attention's causal half."""
+    total = param_counts(config)["total"]
+    if convention == "llmc":
+        return 6 * total + 6 * config.n_layer * config.n_embd * seq_len
+    return 6 * (total - config.block_size * config.n_embd) + 12 * config.n_layer * config.n_embd * seq_len

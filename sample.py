@@ -75,7 +75,7 @@ def stream(model, enc, idx, args, generator, out=sys.stdout):
 def sample(args):
     device = resolve_device(args.device)
     model = load_model(args.init_from)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device)[0]
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)

@@ -131,23 +131,20 @@ def score_rows(logits, tokens, mask):
 
 
 @torch.no_grad()
-def evaluate(model, items, batch_size=16, autocast=None, progress=False, batches=0):
-    """Counts [correct by acc, correct by acc_norm, examples] of prepare()'s items as a long tensor (3,)
-    on the model's device. `batches`: run at least this many forwards, the extra ones on empty rows (the
-    ranks of a sharded model must all join each forward, though their shares of items differ by one).
+def evaluate(logits_of, items, block_size, device, batch_size=16, autocast=None, progress=False, batches=0):
+    """Counts [correct by acc, correct by acc_norm, examples] of prepare()'s items as a long tensor (3,) on
+    device. logits_of(idx) -> logits (B, T, V) of a model in eval mode (lambda idx: model(idx)[0]). `batches`:
+    run at least this many forwards, the extra ones on empty rows (the ranks of a sharded model must all join
+    each forward, though their shares of items differ by one).
 
-    `model(idx)` must return (logits, ...), as our GPT (also compiled) does. Every forward has one
-    shape, (4 * batch_size, T): T is the longest row rounded up to a multiple of PAD_TO, at most
-    block_size (a longer row keeps its last T tokens), and the last batch is filled with empty rows,
-    so a torch.compile'd model compiles once. Rows are right-padded, which a causal model cannot see.
+    Every forward has one shape, (4 * batch_size, T): T is the longest row rounded up to a multiple of PAD_TO, at
+    most block_size (a longer row keeps its last T tokens), and the last batch is filled with empty rows, so a
+    torch.compile'd model compiles once. Rows are right-padded, which a causal model cannot see.
     """
-    device = next(model.parameters()).device
     longest = max((len(row) for tokens, _, _ in items for row in tokens), default=1)
-    T = min(model.config.block_size, -(-longest // PAD_TO) * PAD_TO)
+    T = min(block_size, -(-longest // PAD_TO) * PAD_TO)
     counts = torch.zeros(3, dtype=torch.long, device=device)
     counts[2] = len(items)
-    was_training = model.training
-    model.eval()
     for start in tqdm(range(0, max(len(items), batches * batch_size), batch_size), desc="hellaswag", unit="batch",
                       disable=not progress):
         batch = items[start:start + batch_size]
@@ -158,12 +155,11 @@ def evaluate(model, items, batch_size=16, autocast=None, progress=False, batches
             tokens[r, :len(row)], mask[r, :len(m)] = torch.tensor(row), torch.tensor(m)
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast or contextlib.nullcontext():
-            logits = model(tokens)[0]  # (R, T, V)
+            logits = logits_of(tokens)  # (R, T, V)
         total, mean = (s.view(-1, 4)[:len(batch)] for s in score_rows(logits, tokens, mask))  # (b, 4)
         labels = torch.tensor([label for _, _, label in batch], device=device)  # (b,)
         counts[0] += (total.argmin(dim=1) == labels).sum()
         counts[1] += (mean.argmin(dim=1) == labels).sum()
-    model.train(was_training)
     return counts
 
 
@@ -189,9 +185,10 @@ def main(argv=None):
         model = load_model(args.model, flag="--model")
         if model.config.vocab_size < 50257:
             raise ConfigError(f"--model: {args.model} has {model.config.vocab_size} tokens, not GPT-2's 50257")
-        dtype = pick_dtype(args.dtype, device)
-        counts = evaluate(model.to(device), prepare(examples, get_encoding()), args.batch_size,
-                          make_autocast(dtype, device), progress=True)
+        dtype = pick_dtype(args.dtype, device)[0]
+        model = model.to(device).eval()
+        counts = evaluate(lambda idx: model(idx)[0], prepare(examples, get_encoding()), model.config.block_size, device,
+                          args.batch_size, make_autocast(dtype, device), progress=True)
         correct, correct_norm, total = counts.tolist()
         print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
     run_main(run)

@@ -65,6 +65,7 @@ def communicate(p, timeout):
 def write_syn_shards(d, train_sizes, val_size):
     """Random ids < 256 (seed 0): train shards of `train_sizes` tokens and one val shard, in directory d."""
     import numpy as np
+
     from data.shards import write_shard
     rng = np.random.default_rng(0)
     for i, n in enumerate(train_sizes, start=1):

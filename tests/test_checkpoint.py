@@ -20,16 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, communicate, write_syn_shards
-from data.shards import ShardLoader, shard_paths
-from model import GPT, configure_optimizers
 import checkpoint
 import train_gpt2
 from checkpoint import list_checkpoints, load_checkpoint
 from cli import ConfigError
-from data import DataError
-from runtime import Dist
 from config import parse_args
+from conftest import ROOT, communicate, write_syn_shards
+from data import DataError
+from data.shards import ShardLoader, shard_paths
+from model import GPT
+from optim import configure_optimizers
+from runtime import Dist
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # runs often go two at a time on the 2 cores
@@ -165,23 +166,26 @@ def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head):
     assert ta["rng"] == tb["rng"]
 
 
-def test_resume_keeps_the_head_vocab_and_refuses_other_ids(tmp_path, syn_dir):
-    """A resume keeps the checkpoint's --head_vocab when the flag is left out; another set of ids is refused
-    in one line (it would tie rows the checkpoint trained on their own), before any step runs."""
+def test_resume_keeps_the_head_vocab_and_refuses_to_change_it(tmp_path, syn_dir):
+    """A resume keeps the checkpoint's --head_vocab when the flag is left out; another value is refused in one
+    line (the rows it tied were trained as one), before any step runs."""
+    from data.shards import token_counts
     out = str(tmp_path / "r")
     common = flags("--data_dir", syn_dir, "--max_steps", 6, "--ckpt_interval", 3, "--eval_interval", 100,
                    "--out_dir", out)
-    assert "head vocab: 100 ids" in ok(run(common + ["--head_vocab", "100", "--run_steps", 3])).stdout
-    bad = run(common + ["--head_vocab", "50", "--resume", "auto"])
+    ids = token_counts(shard_paths(syn_dir, "train"), 256).nonzero()[0]
+    assert 200 < len(ids) < 255  # a few of the 256 ids never occur in the 750 train tokens
+    assert f"head vocab: the {len(ids)} ids" in ok(run(common + ["--head_vocab", "train", "--run_steps", 3])).stdout
+    bad = run(common + ["--head_vocab", "full", "--resume", "auto"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"error: --head_vocab 50: {out}/ckpt_000003 was trained with --head_vocab 100, and other ids would tie rows "
-        "it trained on their own; resume with --head_vocab 100 (or full)"]
+        f"error: --head_vocab full: {out}/ckpt_000003 was trained with --head_vocab train, which cannot change "
+        f"mid-run; leave the flag out, or start a new run from its weights (--init_from {out}/ckpt_000003 --out_dir NEW)"]
     assert ckpt_dirs(out) == ["ckpt_000003"] and not os.path.exists(os.path.join(out, "model.safetensors"))
-    r = ok(run(common + ["--resume", "auto"]))  # the flag left out: the checkpoint's 100, not the default (full)
-    assert f"resumed from {out}/ckpt_000003 at step 3" in r.stdout and "head vocab: 100 ids" in r.stdout
+    r = ok(run(common + ["--resume", "auto"]))  # the flag left out: the checkpoint's train, not the default (full)
+    assert f"resumed from {out}/ckpt_000003 at step 3" in r.stdout and f"head vocab: the {len(ids)} ids" in r.stdout
     from safetensors.torch import load_file
     w = load_file(os.path.join(out, "model.safetensors"))["transformer.wte.weight"]  # (256, C)
-    assert len(torch.unique(w, dim=0)) == 101  # 100 rows of their own, one shared by the other 156
+    assert len(torch.unique(w, dim=0)) == len(ids) + 1  # rows of their own, one shared by the ids never seen
 
 
 # ----- 2. keep_last, the final model, and checkpoints as Hugging Face models -----
@@ -316,6 +320,9 @@ def corrupt(kind, path):
             f.truncate(os.path.getsize(f.name) // 2)
     elif kind == "pickle":
         torch.save({"optimizer": NotATensor(), "x": object()}, os.path.join(path, "trainer.pt"))
+    elif kind == "shape":  # weights that do not match their trainer.json (64 wide where the run is 32)
+        from model import GPTConfig
+        GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64)).save_pretrained(path)
 
 
 @pytest.mark.parametrize("kind, extra, message", [
@@ -324,7 +331,8 @@ def corrupt(kind, path):
     ("safetensors", [], "model.safetensors: cannot read weights"),
     ("pickle", [], "trainer.pt: cannot read"),
     (None, ["--batch_size", "2"], "loader state has B=4 but this loader has B=2"),
-    (None, ["--n_layer", "3"], "weights do not fit"),
+    (None, ["--n_layer", "3"], "--n_layer 3: "),  # the shape cannot change mid-run
+    ("shape", [], "weights do not fit the model: shapes (file vs model): transformer.wte.weight (256, 64) vs (256, 32)"),
 ])
 def test_bad_checkpoint_exits_2_with_one_line(tmp_path, good_ckpt, kind, extra, message):
     src, common = good_ckpt
@@ -374,7 +382,7 @@ def small_ckpt(tmp_path, syn_dir, global_rngs):
     """A checkpoint saved in this process (no subprocess), and the model, optimizer and loader to load it."""
     cfg = parse_args(flags("--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")))
     model, optimizer, loader = build(cfg)
-    checkpoint.save_checkpoint(cfg, 1, model, optimizer, loader, Dist())
+    checkpoint.save_checkpoint(cfg.out_dir, cfg.keep_last, 1, model, optimizer, loader, Dist())
     return cfg, os.path.join(cfg.out_dir, "ckpt_000001"), (model, optimizer, loader, Dist())
 
 
@@ -394,7 +402,7 @@ def test_resaving_a_step_survives_a_stale_old_dir(small_ckpt):
     stale = os.path.join(cfg.out_dir, ".tmp_ckpt_000001.old")
     os.makedirs(stale)
     open(os.path.join(stale, "trainer.pt"), "w").close()
-    checkpoint.save_checkpoint(cfg, 1, model, optimizer, loader, d)
+    checkpoint.save_checkpoint(cfg.out_dir, cfg.keep_last, 1, model, optimizer, loader, d)
     assert list_checkpoints(cfg.out_dir) == [path] and not os.path.exists(stale)
 
 

@@ -14,10 +14,23 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import fineweb, shakespeare, shards  # noqa: E402
-from data import DataError  # noqa: E402
-from data.shards import (EOT, ShardLoader, shard_paths, shard_problem, validate_shards,  # noqa: E402
-                         frequent_ids, token_counts, write_shard, write_splits)
+from data import (  # noqa: E402
+    DataError,  # noqa: E402
+    fineweb,
+    shakespeare,
+    shards,
+)
+from data.shards import (  # noqa: E402
+    EOT,
+    ShardLoader,
+    frequent_ids,
+    shard_paths,
+    shard_problem,
+    token_counts,
+    validate_shards,
+    write_shard,
+    write_splits,
+)
 from data.tokenizer import get_encoding  # noqa: E402
 
 LENGTHS = (37, 50, 23, 41, 19)  # odd sizes, so windows straddle shard boundaries

@@ -19,13 +19,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_train import TINY, metrics, one_error, rel_err, train_capturing_grads, train_main
 
-import model as model_module
 import runtime
 import train_gpt2
 from conftest import spy_on_the_step, write_syn_shards
-from model import LinearCrossEntropy
-from test_train import TINY, metrics, one_error, rel_err, train_capturing_grads, train_main
+from loss import LinearCrossEntropy
 
 TOL = 2**-8
 
@@ -193,7 +192,6 @@ def test_fused_loss_gradients_are_exact_under_float16(monkeypatch):
     (softmax - onehot) / n is ~1e-8 for most of the vocabulary, under float16's smallest number (6e-8): the
     fused loss multiplies by (softmax - onehot), within [-1, 1], and divides by n in float32 afterwards. Its
     gradients match float32 within TOL; the naive order (divide, cast, multiply) does not."""
-    monkeypatch.setattr(model_module, "LOGITS_CHUNK", 2**24)  # chunks of 333 rows (64 MB of float32 logits)
     N, V, C = 2048, 50304, 8
     x, w = torch.randn(N, C), torch.randn(V, C)
     with torch.no_grad():
@@ -249,13 +247,10 @@ def test_float16_resume_is_exact_with_the_scalers_state(tmp_path, syn_dir, capsy
 ])
 def test_auto_picks_float16_on_a_cuda_gpu_without_bf16(monkeypatch, gpu, native_bf16, expected):
     """torch.cuda.is_bf16_supported() says True on a T4 unless asked about the hardware alone (it counts
-    emulation): the stub answers as such a GPU would. CPU choices are unchanged (test_runtime measures them)."""
-    def measure(dtype, device):
-        raise AssertionError(f"measured {dtype} on {device}")
+    emulation): the stub answers as such a GPU would. CPU choices are unchanged (test_runtime checks them)."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native_bf16)
-    monkeypatch.setattr(runtime, "matmul_seconds", measure)
-    assert runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1") == expected, gpu
-    assert runtime.pick_dtype("float16", "cuda") == "float16" and runtime.pick_dtype("bfloat16", "cuda") == "bfloat16"
+    assert runtime.pick_dtype("auto", "cuda")[0] == runtime.pick_dtype("auto", "cuda:1")[0] == expected, gpu
+    assert runtime.pick_dtype("float16", "cuda")[0] == "float16" and runtime.pick_dtype("bfloat16", "cuda")[0] == "bfloat16"
 
 
 def test_float16_where_autocast_cannot_do_it_is_one_line(tmp_path, syn_dir, capsys, monkeypatch):

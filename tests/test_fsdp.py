@@ -190,6 +190,7 @@ def test_fsdp_checkpoint_loads_in_hugging_face(resumed):
     """A checkpoint written under FSDP is an HF GPT-2 directory: GPT2LMHeadModel gives our logits, and its
     weights are the final model's (saved at the same step through the same gather)."""
     from transformers import GPT2LMHeadModel
+
     from model import GPT
     ckpt = os.path.join(resumed[0], "ckpt_000004")
     hf, ours = GPT2LMHeadModel.from_pretrained(ckpt).eval(), GPT.from_pretrained(ckpt).eval()

@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
+from test_train import TINY, metrics, run
 
 from conftest import HELLASWAG, ROOT, make_hf, write_hellaswag
-from data import hellaswag
-from data import DataError
+from data import DataError, hellaswag
 from data.tokenizer import get_encoding
 from model import GPT
-from test_train import TINY, metrics, run
 from train_gpt2 import main as train_main
 
 
@@ -79,10 +78,12 @@ def test_batched_scores_match_a_direct_computation(hf_dir, enc):
     agree = sum(a == b for a, b in picks)
     n = len(HELLASWAG)
     assert agree < n  # the two metrics really differ here
+    model.eval()
     for k, expected in ((0, [n, agree, n]), (1, [agree, n, n])):
         examples = [{**ex, "label": p[k]} for ex, p in zip(HELLASWAG, picks)]
-        assert hellaswag.evaluate(model, hellaswag.prepare(examples, enc), batch_size=3).tolist() == expected
-    assert model.training  # evaluate switched to eval mode and back
+        counts = hellaswag.evaluate(lambda idx: model(idx)[0], hellaswag.prepare(examples, enc), model.config.block_size,
+                                    "cpu", batch_size=3)
+        assert counts.tolist() == expected
 
 
 GOOD = json.dumps(HELLASWAG[0])
@@ -141,7 +142,9 @@ def test_cli_prints_acc_and_acc_norm(tmp_path, hf_dir, enc):
                         "--dtype", "float32", "--batch_size", "3", "--limit", "5"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    correct, correct_norm, total = hellaswag.evaluate(GPT.from_pretrained(path), hellaswag.prepare(HELLASWAG[:5], enc)).tolist()
+    model = GPT.from_pretrained(path).eval()
+    correct, correct_norm, total = hellaswag.evaluate(lambda idx: model(idx)[0], hellaswag.prepare(HELLASWAG[:5], enc),
+                                                      model.config.block_size, "cpu").tolist()
     assert r.stdout.strip().splitlines()[-1] == \
         f"{path} | float32 | 5 examples | acc {correct / 5:.4f} | acc_norm {correct_norm / 5:.4f}"
 

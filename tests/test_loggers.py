@@ -7,10 +7,10 @@ import struct
 import sys
 
 import pytest
+from test_train import one_error, tiny, train_main
 
 from checkpoint import run_contents
 from conftest import HELLASWAG, write_hellaswag
-from test_train import one_error, tiny, train_main
 
 
 def run_args(shakespeare_dir, out, tmp_path, *extra):
@@ -112,7 +112,7 @@ def test_wandb_offline_run_holds_the_config_every_metrics_event_and_the_samples(
     out = tmp_path / "my-run"
     args = [a for a in run_args(shakespeare_dir, out, tmp_path, "--wandb_project", "gpt2-tests")
             if a not in ("--dtype", "float32")]  # dtype auto: wandb's config must get the resolved dtype
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "float32")  # resolved fast, to float32
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: ("float32", "stub"))  # auto -> float32
     code, _, err = train_main(args, capsys)
     assert code == 0, err
     wandb_env()
@@ -121,8 +121,9 @@ def test_wandb_offline_run_holds_the_config_every_metrics_event_and_the_samples(
     assert (run.project, run.display_name) == ("gpt2-tests", "my-run")
     assert run.run_id == (out / "wandb_run_id").read_text().strip() and run_dir.endswith(run.run_id)
     recorded = json.loads((out / "train_config.json").read_text())
-    assert {k: config[k] for k in recorded} == recorded  # the TrainConfig as trained: dtype resolved, not auto
-    assert config["dtype"] == "float32" and config["max_steps"] == 2
+    assert recorded["dtype"] == "auto" and recorded["loss"] == "fused"  # the TrainConfig as given ...
+    assert {k: config[k] for k in recorded} == {**recorded, "dtype": "float32"}  # ... and as trained: auto resolved
+    assert config["max_steps"] == 2
 
     numbers = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows  # _step, _runtime: wandb's
                if not any(k.startswith("samples") for k in row)]

@@ -1,4 +1,5 @@
-"""model.py against Hugging Face GPT-2 on random weights: names, logits, loss, generation, export."""
+"""model.py (and hf.py, generate.py behind it) against Hugging Face GPT-2 on random weights: names, logits,
+loss, generation, export."""
 import math
 import os
 import subprocess
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf
-from model import (GPT, GPU_PEAK_BF16_FLOPS, MODEL_SHAPES, GPTConfig, KVCache, configure_optimizers, gpu_peak_flops, hf_to_ours,
-                   ours_to_hf, param_counts, sample_next)
+from generate import KVCache, sample_next
+from hf import config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
+from model import GPT, GPT2_SHAPES, GPTConfig, param_counts
+from optim import configure_optimizers
 
 
 def test_state_dict_keys_are_hf_keys(tiny_hf):
@@ -30,10 +33,11 @@ def test_logits_and_loss_match_hf(tiny_hf):
     targets = idx.clone()
     targets[:, :5] = -100  # ignored, as in HF
     targets[:, -1] = -100  # HF's shifted loss has no target for the last position
-    logits, _ = model(idx)
-    no_logits, loss = model(idx, targets)  # the loss path never materializes the logits
+    logits, none = model(idx)
+    with_targets, loss = model(idx, targets)  # (logits, loss), as nanoGPT and HF give them
     ref = hf(idx).logits
-    assert no_logits is None
+    assert none is None and with_targets.shape == (3, 40, 128) and torch.equal(with_targets, logits)
+    assert torch.equal(with_targets.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     ref_loss = torch.nn.functional.cross_entropy(ref.view(-1, 128), targets.view(-1), ignore_index=-100)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -55,15 +59,16 @@ def test_sliced_integer_and_1d_inputs_match_hf(tiny_hf, dtype):
         ref_loss = hf(seq, labels=seq).loss  # HF shifts labels itself: position t predicts seq[t + 1], as our targets
         ref_hidden = hf.transformer(seq[0]).last_hidden_state  # HF's GPT2Model keeps a 1-D input unbatched: (T, C)
         torch.testing.assert_close(model(idx)[0], ref_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(idx, targets)[1], ref_loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.hidden_states(idx), hf.transformer(seq[:, :-1]).last_hidden_state,
+        logits, loss = model(idx, targets)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.transformer(idx.long()), hf.transformer(seq[:, :-1]).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
         # one sequence (T,): unbatched results
         torch.testing.assert_close(model(idx[0])[0], ref_logits[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(idx[0], targets[0])[1], hf(seq[:1], labels=seq[:1]).loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.hidden_states(seq.to(dtype)[0]), ref_hidden, rtol=1e-5, atol=1e-5)
-    # the fused loss's gradients flow through the same checks
-    loss = model(idx, targets)[1]
+        torch.testing.assert_close(model.transformer(seq[:1])[0], ref_hidden, rtol=1e-5, atol=1e-5)
+    loss = model(idx, targets)[1]  # gradients flow through the same checks
     loss.backward()
     assert model.lm_head.weight.grad is not None
 
@@ -97,7 +102,7 @@ def test_misused_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="idx must be a tensor of integer token ids, got list"):
         model([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"idx must be \(B, T\) or one sequence \(T,\), got shape \(1, 2, 8\)"):
-        model.hidden_states(idx[None])
+        model(idx[None])
     with pytest.raises(ValueError, match="idx must be a tensor of integer token ids, got torch.float32"):
         model.generate(idx.float(), 3)
     with pytest.raises(ValueError, match="n_embd 9 must be divisible by n_head 2"):
@@ -274,8 +279,8 @@ def test_load_errors_list_the_bad_keys(tmp_path, tiny_hf):
     with pytest.raises(ValueError) as e:
         GPT.from_pretrained(path)
     msg = str(e.value)
-    assert "missing: transformer.h.1.mlp.c_fc.bias" in msg and "unexpected: transformer.h.0.attn.extra" in msg
-    assert "transformer.ln_f.weight (7,) != (32,)" in msg
+    assert "missing transformer.h.1.mlp.c_fc.bias" in msg and "unexpected transformer.h.0.attn.extra" in msg
+    assert "transformer.ln_f.weight (7,) vs (32,)" in msg and "\n" not in msg
     with open(os.path.join(path, "model.safetensors"), "wb") as f:
         f.write(b"not a safetensors file")
     with pytest.raises(ValueError, match="model.safetensors: cannot read weights"):
@@ -321,189 +326,14 @@ def test_optimizer_decays_only_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_flops_per_token():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32))
-    n = sum(p.numel() for p in model.parameters()) - 16 * 8
-    assert model.flops_per_token(16) == 6 * n + 12 * 1 * 2 * 4 * 16
-
-
-@pytest.mark.parametrize("name, flops", [  # names as torch.cuda.get_device_name() gives them
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835.5e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA B200", 2250e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362.05e12),
-    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
-    # cards not in the table, some named like one that is: no figure rather than a wrong one
-    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 3090 Ti", None), ("NVIDIA GeForce RTX 4090 D", None),
-    ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("NVIDIA GH200 480GB", None), ("NVIDIA H800", None),
-    ("NVIDIA GeForce GTX 1080", None),
-])
-def test_gpu_peak_flops(name, flops):
-    assert gpu_peak_flops(name) == flops
-
-
-def test_every_gpu_in_the_table_gets_its_own_figure():
-    for model, flops in GPU_PEAK_BF16_FLOPS.items():
-        assert gpu_peak_flops(f"NVIDIA {model}") == flops, model
-
-
 def test_model_py_prints_the_storage_table():
     out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in MODEL_SHAPES:
+    for name in GPT2_SHAPES:
         assert name in out
     assert "124.4M" in out and "1557.6M" in out  # gpt2 and gpt2-xl, tied head counted once
     xl = next(line.split() for line in out.splitlines() if line.startswith("gpt2-xl "))
     assert out.splitlines()[0].split()[-3:] == ["state", "FSDP/GPU", "x8"]
     assert xl[-2:] == ["23.21GiB", "2.90GiB"]  # DDP: the whole training state on each GPU; FSDP over 8: an eighth
-
-
-def reference_loss_and_grads(model, idx, targets):
-    """Plain lm_head + F.cross_entropy on the full logits, for comparison with LinearCrossEntropy."""
-    logits, _ = model(idx)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    return loss, grads
-
-
-@pytest.mark.parametrize("chunk", [None, 1000])
-def test_fused_loss_and_gradients_match_plain_cross_entropy(monkeypatch, chunk):
-    if chunk:
-        monkeypatch.setattr("model.LOGITS_CHUNK", chunk)  # 1000 logits: chunks of 7 rows, the last one short
-    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
-    idx, targets = torch.randint(0, 128, (2, 3, 20))
-    targets[0, :4] = -100
-    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
-    _, loss = model(idx, targets)
-    grads = torch.autograd.grad(loss * 3.0, list(model.parameters()))  # backward scales by the upstream grad
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, 3.0 * r, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():  # eval: the loss alone, no gradient work
-        torch.testing.assert_close(model(idx, targets)[1], ref_loss)
-
-
-def test_plain_loss_path_is_lm_head_then_cross_entropy():
-    """fused_loss = False (what --loss plain and a measured auto pick): the same loss and gradients as the
-    reference, computed from the full logits."""
-    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
-    idx, targets = torch.randint(0, 128, (2, 3, 20))
-    targets[1, -5:] = -100
-    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
-    model.fused_loss = False
-    logits, loss = model(idx[:, :-1], targets[:, 1:])  # sliced, as notebook users pass them
-    assert logits is None
-    _, loss = model(idx, targets)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
-    for g, r in zip(torch.autograd.grad(loss, list(model.parameters())), ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("chunk", [None, 1000])
-def test_fused_loss_under_bf16_autocast(monkeypatch, chunk):
-    if chunk:
-        monkeypatch.setattr("model.LOGITS_CHUNK", chunk)  # chunks of 7 rows
-    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
-    idx, targets = torch.randint(0, 128, (2, 2, 16))
-    targets[0, :5] = -100
-    targets[1, -3:] = -100
-    params = list(model.parameters())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # reference in the same precision path: bf16 lm_head matmul
-        ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
-        _, loss = model(idx, targets)
-    grads = torch.autograd.grad(loss, params)
-    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-    # Both paths round the same bf16 matmul outputs (logits, then (softmax - onehot) @ W and its transpose) and do
-    # softmax in float32, so the loss differs only by float32 summation order (a few ulps: rtol 1e-6, where a
-    # float32 head would be 1e-5 away). A gradient may differ by one bf16 rounding (2^-8) that a different
-    # accumulation order flips; with chunks, lm_head's gradient sums per-chunk bf16 products where the reference
-    # rounds the whole sum once: 2^-7 of the tensor's largest entry covers both.
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=2**-8, atol=2**-7 * r.abs().max().item())
-
-
-def test_fused_loss_reads_no_logit_by_index(monkeypatch):
-    """The target's logit comes from its own small matmul, not a gather from a chunk's logits: inductor fused
-    such gathers over all chunks into one kernel with int32 offsets, which overflowed past 2^31 logits (GPT-2
-    124M at 64 x 1024, vocab 50304, on an H100 with torch 2.11: an illegal memory access in eval and train)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    monkeypatch.setattr("model.LOGITS_CHUNK", 1000)  # 7 rows per chunk
-    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
-    idx, targets = torch.randint(0, 128, (2, 2, 16))
-    x = model.hidden_states(idx).detach().flatten(0, 1)  # (32, 32)
-
-    class IndexedReads(TorchDispatchMode):  # ops that read a tensor at positions given by another tensor
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.gather, torch.ops.aten.index, torch.ops.aten.take):
-                self.seen.append((func.overloadpacket.__name__, tuple(args[0].shape)))
-            return func(*args, **(kwargs or {}))
-    with IndexedReads() as reads:
-        loss = model.head_loss(x, targets.flatten())
-    logits_wide = [r for r in reads.seen if r[1][-1] == 128]  # a read from a (rows, vocab) tensor
-    assert reads.seen and not logits_wide, reads.seen  # it does index the (vocab, C) weight, by target
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model.lm_head(x), targets.flatten()))
-
-
-def test_fused_loss_compiles():
-    """dynamo + AOT autograd trace the Function; inductor's codegen runs in test_train's compiled training."""
-    model = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=2, n_embd=32))
-    idx, targets = torch.randint(0, 128, (2, 2, 16))
-    targets[0, :5] = -100
-    ref_loss, ref_grads = reference_loss_and_grads(model, idx, targets)
-    _, loss = torch.compile(model, backend="aot_eager")(idx, targets)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_head_vocab_trains_like_the_full_head_on_k_plus_one_columns(monkeypatch, fused):
-    """set_head_vocab: in training, the loss and every gradient equal the full head's for a model whose
-    other rows are tied (the rest row's gradient = the sum over its copies), also for a target outside the
-    ids and -100; eval uses the full head; tie_rest_ copies the rest row after an update."""
-    monkeypatch.setattr("model.LOGITS_CHUNK", 1000)  # the fused path in chunks
-    torch.manual_seed(0)
-    V, ids = 96, torch.tensor([3, 5, 7, 8, 20, 41, 42, 60, 61, 95])
-    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
-    model.fused_loss = fused
-    model.set_head_vocab(ids[torch.randperm(len(ids))])  # any order, duplicates allowed
-    rest = torch.tensor([i for i in range(V) if i not in ids])
-    w = model.lm_head.weight
-    assert torch.equal(w[rest], w[rest[:1]].expand(len(rest), -1))  # tied at once
-    assert model.head_cols.tolist() == ids.tolist() + [rest[0].item()]
-    idx = ids[torch.randint(0, len(ids), (2, 17))]
-    targets = idx[:, 1:].clone()
-    targets[0, 3], targets[1, 5] = rest[7], -100  # a target outside the ids, an ignored one
-    params = list(model.parameters())
-    _, loss = model(idx[:, :-1], targets)  # sliced, as notebook users pass them
-    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, params)))
-    model.fused_loss = True
-    model.head_cols, saved = None, model.head_cols  # the full head, same weights
-    ref_loss, ref = reference_loss_and_grads(model, idx[:, :-1], targets)
-    ref = dict(zip([n for n, _ in model.named_parameters()], ref))
-    model.head_cols = saved
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    for name, g in grads.items():
-        if name == "transformer.wte.weight":  # lm_head.weight, tied (named_parameters lists it once)
-            r = ref[name].clone()
-            r[rest[0]], r[rest[1:]] = r[rest].sum(0), 0  # the R copies' gradients land on the rest row
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-        else:
-            torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    model.eval()
-    assert model(idx)[0].shape == (2, 17, V)  # eval: the full head's logits
-    with torch.no_grad():
-        w[rest[0]] += 1.0
-    model.tie_rest_()
-    assert torch.equal(w[rest], w[rest[:1]].expand(len(rest), -1))
-    model.set_head_vocab(None)
-    assert model.head_cols is None and model.head_rest is None
-    model.tie_rest_()  # a no-op without a head vocab
 
 
 def test_targets_with_a_cache_is_a_clear_error():
@@ -516,17 +346,44 @@ def test_targets_with_a_cache_is_a_clear_error():
 def test_init_std_is_the_weights_spread_and_hf_s_initializer_range(tmp_path):
     """init_std sets every weight's N(0, std) (residual projections / sqrt(2 n_layer)), as HF's initializer_range
     does, and travels through config.json both ways."""
-    from model import config_from_hf, config_to_hf
+    from dataclasses import asdict
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=2, n_embd=64, init_std=0.05))
     h = model.transformer.h[0]
     for w, std in ((model.transformer.wte.weight, 0.05), (model.transformer.wpe.weight, 0.05),
                    (h.attn.c_attn.weight, 0.05), (h.mlp.c_fc.weight, 0.05), (h.mlp.c_proj.weight, 0.05 / 2)):
         assert w.std().item() == pytest.approx(std, rel=0.05)
-    assert config_to_hf(model.config)["initializer_range"] == 0.05
-    assert config_from_hf(config_to_hf(model.config)).init_std == 0.05
+    assert config_to_hf(asdict(model.config))["initializer_range"] == 0.05
+    assert config_from_hf(config_to_hf(asdict(model.config)))["init_std"] == 0.05
     model.save_pretrained(tmp_path / "m")
     assert GPT.from_pretrained(str(tmp_path / "m")).config.init_std == 0.05
-    assert config_from_hf({**config_to_hf(GPTConfig()), "initializer_range": 0.02}).init_std == 0.02
+    assert config_from_hf({**config_to_hf(asdict(GPTConfig())), "initializer_range": 0.02})["init_std"] == 0.02
     with pytest.raises(ValueError, match="initializer_range must be a positive number, got 'x'"):
-        config_from_hf({**config_to_hf(GPTConfig()), "initializer_range": "x"})
+        config_from_hf({**config_to_hf(asdict(GPTConfig())), "initializer_range": "x"})
+
+
+def test_token_ids_outside_the_vocabulary_are_clear_errors():
+    """ids >= vocab or < 0, and negative targets other than -100 (F.cross_entropy's ignore_index), are ValueErrors
+    naming the tensor, for model(...) and generate(...) alike."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.randint(0, 32, (2, 8))
+    for bad, name, value in ((idx.clone().fill_(32), "idx", 32), (idx.clone().fill_(-40), "idx", -40)):
+        with pytest.raises(ValueError, match=f"{name} holds {value}, not a token id of this model \\(0..31\\)"):
+            model(bad)
+        with pytest.raises(ValueError, match=f"{name} holds {value}"):
+            model.generate(bad, 3)
+    targets = idx.clone()
+    targets[0, 0] = -1
+    with pytest.raises(ValueError, match=r"targets holds -1, not a token id of this model \(0..31 or -100"):
+        model(idx, targets)
+    targets[0, 0] = -100  # ignored: fine, and the loss is F.cross_entropy's with ignore_index
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 32), targets.view(-1)))
+
+
+def test_the_model_is_gpt2_and_nothing_else():
+    """GPT carries no training trick: no loss-path flag, no head-vocab state, nothing but GPT-2's weights."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
+    own = {k for k in vars(model) if not k.startswith("_")} - {"training", "config"}
+    assert own == set(), own
+    assert [n for n, _ in model.named_buffers()] == []

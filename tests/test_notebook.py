@@ -7,8 +7,8 @@ import sys
 import nbformat
 import pytest
 
-from conftest import ROOT
 import plot
+from conftest import ROOT
 from plot import GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, load_runs, main, plot_runs, read_metrics
 
 NOTEBOOK = os.path.join(ROOT, "explore.ipynb")

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from checkpoint import model_dir as resolve
 from conftest import ROOT, make_hf
 from data.tokenizer import get_encoding
 from model import GPT
-from sample import main as sample_main, stream
-from checkpoint import model_dir as resolve
+from sample import main as sample_main
+from sample import stream
 
 
 def test_stream_writes_what_generate_returns(tmp_path):

@@ -7,11 +7,10 @@ import sys
 import pytest
 import torch
 
+from config import PRESETS, TrainConfig, parse_args
 from conftest import HELLASWAG, ROOT, spy_on_the_step, write_hellaswag
 from model import GPT
-from runtime import pick_dtype
-from config import PRESETS, TrainConfig, parse_args
-from train_gpt2 import get_lr
+from optim import get_lr
 
 # A tiny model on the real Shakespeare shards: 512 tokens per step, fast on 2 cores.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--seq_len", "64",
@@ -85,16 +84,11 @@ def test_bad_shard_is_named(tmp_path, shakespeare_dir):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, max_lr=1.0, min_lr=0.1)
-    assert get_lr(0, cfg) == pytest.approx(0.1) and get_lr(9, cfg) == pytest.approx(1.0)
-    assert get_lr(10, cfg) == pytest.approx(1.0) and get_lr(55, cfg) == pytest.approx(0.55)
-    assert get_lr(100, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
-
-
-def test_pick_dtype(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100 or newer
-    assert pick_dtype("float32", "cpu") == "float32" and pick_dtype("auto", "cuda") == "bfloat16"
-    assert pick_dtype("auto", "cpu") in ("bfloat16", "float32")
+    def lr(step):
+        return get_lr(step, max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0) and lr(55) == pytest.approx(0.55)
+    assert lr(100) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
 
 
 def test_short_shakespeare_training_lowers_val_loss(tmp_path, shakespeare_dir):
@@ -131,8 +125,8 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, s
         assert r.returncode == 0, r.stderr
         vals[head] = [v for _, v in metrics(outs[head], "val_loss")]
     ids = token_counts(shard_paths(shakespeare_dir, "train"), 50304).nonzero()[0]
-    assert f"head vocab: {len(ids):,} ids of the train shards (100.00% of their tokens) + 1 column for the other " \
-        f"{50304 - len(ids):,}" in r.stdout
+    assert f"head vocab: the {len(ids):,} ids of the train shards + 1 column for the other {50304 - len(ids):,}" \
+        in r.stdout
     assert vals["train"][0] > 10.5 and vals["train"][-1] < vals["train"][0] - 2.0, vals
     assert vals["train"][-1] < vals["full"][-1] + 0.05, vals  # no worse (here 7.80 vs 7.96 after 30 steps)
     w = GPT.from_pretrained(outs["train"]).lm_head.weight.detach()  # (50257, C): exported without the padding
@@ -143,25 +137,6 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(tmp_path, s
     idx = torch.tensor([ids[:16].tolist()])
     torch.testing.assert_close(GPT.from_pretrained(outs["train"]).eval()(idx)[0],
                                GPT2LMHeadModel.from_pretrained(outs["train"]).eval()(idx).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_head_vocab_n_keeps_the_n_most_frequent_ids(tmp_path, shakespeare_dir):
-    """--head_vocab 100: the 100 most frequent ids of the train shards get columns; every other id, the rarer
-    ones that do occur included, shares the rest row (their train tokens are scored on it, exactly)."""
-    from data.shards import frequent_ids, shard_paths, token_counts
-    out = str(tmp_path / "out")
-    r = run(TINY + ["--data_dir", shakespeare_dir, "--out_dir", out, "--max_steps", "3", "--compile", "false",
-                    "--device", "cpu", "--head_vocab", "100"], timeout=300)
-    assert r.returncode == 0, r.stderr
-    counts = token_counts(shard_paths(shakespeare_dir, "train"), 50304)
-    ids = frequent_ids(counts, 100)
-    share = f"{counts[ids].sum() / counts.sum():.2%}"
-    assert f"head vocab: 100 ids of the train shards ({share} of their tokens) + 1 column for the other 50,204" in r.stdout
-    w = GPT.from_pretrained(out).lm_head.weight.detach()  # (50257, C)
-    rest = torch.ones(len(w), dtype=torch.bool)
-    rest[ids] = False
-    assert torch.equal(w[rest], w[rest][:1].expand(int(rest.sum()), -1))
-    assert not torch.equal(w[ids[0]], w[ids[1]])
 
 
 def test_eval_and_sampling_work_under_compile(tmp_path, shakespeare_dir):
@@ -180,7 +155,9 @@ def test_torchrun_with_one_rank_destroys_its_process_group(tmp_path, shakespeare
     """Under torchrun with --nproc_per_node=1 the group exists too, and the run ends it (on an H100, NCCL warned at
     exit that destroy_process_group() was not called). In this process, with torchrun's variables set."""
     import socket
+
     import torch.distributed as dist
+
     import train_gpt2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -407,32 +384,25 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous(tmp_pa
     assert sorted(os.listdir(out)) == [".lock", "ckpt_000001", "metrics.jsonl", "train_config.json"]
 
 
-def test_resume_keeps_the_checkpoints_measured_dtype(tmp_path, shakespeare_dir, capsys, monkeypatch):
-    """--dtype auto measures at every start; a resume must not switch precision because a timing changed."""
+def test_resume_keeps_the_runs_dtype_and_loss_path(tmp_path, shakespeare_dir, capsys, monkeypatch):
+    """--dtype auto and --loss auto are decided at a run's start and recorded; a resume keeps them (here on a
+    "machine" whose rules now pick otherwise) unless the flag is given, which is said in one line."""
     import train_gpt2
     out = tmp_path / "out"
-    args = [a for a in tiny(shakespeare_dir, out) if a not in ("--dtype", "float32")]
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "float32" if dtype == "auto" else dtype)
+    args = [a for a in tiny(shakespeare_dir, out) if a not in ("--dtype", "float32", "--loss", "fused")]
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: ("float32", "rule") if dtype == "auto" else (dtype, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_loss", lambda loss, device, compile: ("plain", "rule") if loss == "auto" else (loss, "given"))
     assert train_main(args + ["--max_steps", 4, "--run_steps", 2], capsys)[0] == 0
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: "bfloat16" if dtype == "auto" else dtype)
-    code, out_text, err = train_main(args + ["--max_steps", 4, "--resume", "auto"], capsys)
-    assert code == 0 and "dtype float32" in out_text, err
-    code, out_text, err = train_main(args + ["--max_steps", 6, "--resume", "auto", "--dtype", "bfloat16"], capsys)
-    assert code == 0 and "dtype bfloat16" in out_text and "was trained with --dtype float32" in out_text, err
-
-
-def test_resume_keeps_the_checkpoints_measured_loss_path(tmp_path, shakespeare_dir, capsys, monkeypatch):
-    """--loss auto measures at every start, like --dtype: a resume keeps the recorded path."""
-    import runtime
-    out = tmp_path / "out"
-    monkeypatch.setattr(runtime, "loss_seconds", lambda m, fused, *a: 2.0 if fused else 1.0)  # plain is faster
-    code, text, err = train_main(tiny(shakespeare_dir, out, "--max_steps", 4, "--run_steps", 2, "--loss", "auto"), capsys)
-    assert code == 0 and "loss plain" in text, err
-    monkeypatch.setattr(runtime, "loss_seconds", lambda m, fused, *a: 1.0 if fused else 2.0)  # now fused is
-    args = [a for a in tiny(shakespeare_dir, out, "--max_steps", 4, "--resume", "auto") if a not in ("--loss", "fused")]
-    code, text, err = train_main(args, capsys)  # no --loss flag: the recorded choice holds
-    assert code == 0 and "loss plain" in text, err
-    assert json.loads((out / "ckpt_000004" / "trainer.json").read_text())["config"]["loss"] == "plain"
+    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: ("bfloat16", "rule") if dtype == "auto" else (dtype, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_loss", lambda loss, device, compile: ("fused", "rule") if loss == "auto" else (loss, "given"))
+    code, text, err = train_main(["--resume", str(out / "ckpt_000002"), "--run_steps", 1], capsys)
+    assert code == 0 and "dtype float32 (the run's)" in text and "loss plain (the run's)" in text, err
+    meta = json.loads((out / "ckpt_000003" / "trainer.json").read_text())
+    assert meta["config"]["dtype"] == meta["config"]["loss"] == "auto"  # the config as given ...
+    assert (meta["run"]["dtype"], meta["run"]["loss"]) == ("float32", "plain")  # ... and what it decided
+    code, text, err = train_main(["--resume", "auto", "--out_dir", out, "--dtype", "bfloat16"], capsys)
+    assert code == 0 and "note: --dtype bfloat16 overrides the run's float32" in text, err
+    assert "dtype bfloat16 (given)" in text and "loss plain (the run's)" in text
 
 
 def test_bad_rng_or_loader_in_trainer_json_is_one_line(tmp_path, shakespeare_dir, capsys):
@@ -449,6 +419,7 @@ def test_bad_rng_or_loader_in_trainer_json_is_one_line(tmp_path, shakespeare_dir
 def test_no_host_sync_before_the_optimizer_step_and_gc_frozen(tmp_path, shakespeare_dir, capsys, monkeypatch):
     """Reading .item() inside the step stalls a GPU's queue; the loss and norm are read after optimizer.step()."""
     import gc
+
     import train_gpt2
     events = []
     spy_on_the_step(monkeypatch, train_gpt2, events)
@@ -511,13 +482,14 @@ def test_torchrun_compile_with_chunked_loss_many_buckets_and_every_eval(tmp_path
 
 
 def test_compile_is_static(tmp_path, shakespeare_dir, capsys, monkeypatch):
-    """Every use pads to one shape, so the model is compiled with dynamic=False (no automatic dynamic shapes)."""
+    """Every use pads to one shape, so the model is compiled with dynamic=False (no automatic dynamic shapes): the
+    training loss (loss.LMLoss) and the model's logits for HellaSwag."""
     import train_gpt2
     calls = []
     monkeypatch.setattr(train_gpt2, "check_compile", lambda device: None)
     monkeypatch.setattr(train_gpt2.torch, "compile", lambda model, **kw: calls.append(kw) or model)
     assert train_main(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1) + ["--compile", "true"], capsys)[0] == 0
-    assert calls == [{"dynamic": False}]
+    assert calls == [{"dynamic": False}] * 2
 
 
 def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
@@ -535,6 +507,7 @@ def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
 def py_np_rngs():
     """Tests below set python's and numpy's global RNGs (conftest restores torch's only): put them back."""
     import random
+
     import numpy as np
     py, npy = random.getstate(), np.random.get_state()
     yield
@@ -548,10 +521,12 @@ def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_di
     The draws after load_checkpoint must equal the draws that followed save_checkpoint, and must not be what
     the scrambled state would have given."""
     import random
+
     import numpy as np
+
     from checkpoint import load_checkpoint, save_checkpoint
     from data.shards import ShardLoader, shard_paths
-    from model import configure_optimizers
+    from optim import configure_optimizers
     from runtime import Dist
     from train_gpt2 import build_model
     cfg = parse_args(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1))
@@ -566,7 +541,7 @@ def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_di
     np.random.seed(22)
     torch.manual_seed(33)
     draws()  # states part-way through a stream, not fresh seeds
-    save_checkpoint(cfg, 1, model, optimizer, loader, Dist())
+    save_checkpoint(cfg.out_dir, cfg.keep_last, 1, model, optimizer, loader, Dist())
     expected = draws()
     random.seed(99)
     np.random.seed(99)
@@ -589,9 +564,9 @@ def train_capturing_grads(args, capsys, monkeypatch):
     """train_gpt2.main(args) in this process, as it runs. Returns (the model's weights before step 0, the
     gradients AdamW consumed at each step (after clipping) by parameter name, stdout). Only configure_optimizers
     is wrapped, to watch optimizer.step(); the loop itself is not copied."""
-    import model as model_module
+    import optim
     import train_gpt2
-    init, grads, real_configure = {}, [], model_module.configure_optimizers  # the original, not an earlier wrap
+    init, grads, real_configure = {}, [], optim.configure_optimizers  # the original, not an earlier wrap
 
     def configure(model, *a, **kw):
         opt = real_configure(model, *a, **kw)
@@ -672,23 +647,24 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
     only by what each step's rounding adds. test_model's compile test uses aot_eager, which runs no inductor
     code, and test_eval_and_sampling_work_under_compile only checks that a compiled run finishes."""
     import copy
-    import model as model_module
-    from model import GPTConfig, configure_optimizers
+
+    from loss import LMLoss
+    from model import GPTConfig
+    from optim import configure_optimizers
     from runtime import compiled_graphs
-    monkeypatch.setattr(model_module, "LOGITS_CHUNK", 2**13)  # 64 rows x 256 vocab = 2 chunks
     eager = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     twin = copy.deepcopy(eager)
     from torch._dynamo.utils import counters
     graphs, inductor_events = compiled_graphs(), sum(counters["inductor"].values())
-    compiled = torch.compile(twin, dynamic=False)
-    runs = [(eager, eager, configure_optimizers(eager, 0.1, 1e-2)),
+    compiled = torch.compile(LMLoss(twin, chunk=2**13), dynamic=False)  # 64 rows x 256 vocab = 2 chunks
+    runs = [(eager, LMLoss(eager, chunk=2**13), configure_optimizers(eager, 0.1, 1e-2)),
             (twin, compiled, configure_optimizers(twin, 0.1, 1e-2))]
     data = torch.randint(0, 256, (3, 2, 33))
     for step, batch in enumerate(data):
         results = []
         for model, forward, opt in runs:
             opt.zero_grad(set_to_none=True)
-            _, loss = forward(batch[:, :-1], batch[:, 1:])
+            loss = forward(batch[:, :-1], batch[:, 1:])
             loss.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -704,14 +680,6 @@ def test_inductor_compiled_training_matches_eager(monkeypatch):
             assert rel_err(grads_c[name], g) < 2e-5, (step, name, rel_err(grads_c[name], g))
     assert compiled_graphs() - graphs == 1  # the compiled path really ran: one graph, no break, no recompile
     assert sum(counters["inductor"].values()) > inductor_events  # and inductor built it (aot_eager counts nothing)
-
-
-def test_storage_table_row_is_the_shakespeare_preset_as_trained():
-    """`python model.py`'s shakespeare row describes the model the preset really trains (vocab 50304, 256 tokens)."""
-    from model import storage_report, table_configs
-    from train_gpt2 import build_model
-    cfg = parse_args(["--preset", "shakespeare"])
-    assert storage_report(table_configs()["shakespeare"]) == storage_report(build_model(cfg).config)
 
 
 def test_resume_given_a_run_folder_writes_nothing_and_names_the_fix(tmp_path, shakespeare_dir, capsys):
@@ -785,9 +753,10 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
     assert [s for s, _ in losses] == list(range(9)) and (BUDGET_PROBE, 9) in metrics(whole, "max_steps")
     lrs = dict(metrics(whole, "lr"))
     cfg = parse_args(tiny(shakespeare_dir, whole, *args))
-    cfg.max_steps = 9
-    assert lrs[8] == pytest.approx(get_lr(8, cfg)) and lrs[8] < lrs[7]  # the cosine ends at step 8, not 999
-    assert json.loads((whole / "ckpt_000009" / "trainer.json").read_text())["config"]["max_steps"] == 9
+    assert lrs[8] == pytest.approx(get_lr(8, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, 9)) and lrs[8] < lrs[7]  # the
+    # cosine ends at step 8, not 999
+    meta = json.loads((whole / "ckpt_000009" / "trainer.json").read_text())
+    assert meta["run"]["max_steps"] == 9 and meta["config"]["max_steps"] == 1000  # decided, and as given
 
     assert train_main(tiny(shakespeare_dir, part, *args, "--run_steps", 7), capsys)[0] == 0
     calls.clear()
@@ -835,4 +804,4 @@ def test_betas_and_init_std_reach_the_optimizer_and_model_and_a_resume_keeps_the
     code, stdout, _ = train_main(tiny(shakespeare_dir, out, "--max_steps", 5, "--resume", "auto", "--beta1", "0.8",
                                       "--beta2", "0.999"), capsys)
     assert code == 0 and seen[-2:] == [{(0.8, 0.999)}] * 2  # steps 3 and 4
-    assert "was trained with --beta2 0.99; resuming with 0.999" in stdout
+    assert "note: --beta1 0.8 overrides the run's 0.9" in stdout and "--beta2 0.999 overrides the run's 0.99" in stdout

@@ -11,11 +11,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import model  # noqa: E402
+import loss  # noqa: E402
 import runtime  # noqa: E402
 import train_gpt2  # noqa: E402
 
 if __name__ == "__main__":
-    model.LOGITS_CHUNK = 2**21  # B=4 x T=32 rows x 50304 logits -> 4 chunks
+    loss.LOGITS_CHUNK = 2**21  # B=4 x T=32 rows x 50304 logits -> 4 chunks
     runtime.DDP = functools.partial(runtime.DDP, bucket_cap_mb=1)  # wte, then the blocks: several buckets
     train_gpt2.main()

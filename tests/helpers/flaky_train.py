@@ -35,14 +35,14 @@ def main():
     real_get_lr = train_gpt2.get_lr
     during = []  # gloo's threads at the first step
 
-    def get_lr(step, cfg):
+    def get_lr(step, *args):
         if not during:
             during.extend(gloo_threads() or [])
         if step == crash_step and os.environ.get("RANK") == "1" and marker and not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(f"rank 1 died at step {step}\n")
             os._exit(1)
-        return real_get_lr(step, cfg)
+        return real_get_lr(step, *args)
 
     train_gpt2.get_lr = get_lr
     train_gpt2.main()

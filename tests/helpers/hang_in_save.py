@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import train_gpt2  # noqa: E402
 from config import parse_args  # noqa: E402
-from model import configure_optimizers  # noqa: E402
-from runtime import Dist  # noqa: E402
 from data.shards import ShardLoader, shard_paths  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
+from runtime import Dist  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
         time.sleep(600)
 
     torch.save = half_save
-    checkpoint.save_checkpoint(cfg, step + 1, model, optimizer, loader, d)
+    checkpoint.save_checkpoint(cfg.out_dir, cfg.keep_last, step + 1, model, optimizer, loader, d)
     print("save_checkpoint returned: torch.save was not hooked", flush=True)
 
 
