@@ -57,7 +57,8 @@ def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()),
+                   key=lambda n: int(n[5:]))
     return [os.path.join(out_dir, n) for n in names if not missing_files(os.path.join(out_dir, n))]
 
 
@@ -82,10 +83,11 @@ def set_full_state(model, optimizer, model_sd, optimizer_sd):
     set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
 
 
-def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scaler=None, record=None):
+def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scaler=None, record=None, guard=None):
     """Write out_dir/ckpt_<step>/ atomically: HF-format weights plus the trainer state (with float16's loss
     scaler: its scale and growth tracker, so a resumed run scales, and skips, as the uninterrupted one would),
-    and `record`: the run's TrainConfig and the decisions made at its start ({"config": ..., "run": ...}).
+    and `record`: the run's TrainConfig and the decisions made at its start ({"config": ..., "run": ...}); guard:
+    optim.SpikeGuard, whose window of recent losses and norms decides the next skips.
 
     Every rank calls this (the weights of a sharded model and the RNG states of all ranks are gathered);
     rank 0 writes into a temporary directory, renames it into place when complete, then prunes to the
@@ -107,13 +109,15 @@ def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scale
         model.save_pretrained(tmp, vocab_size=vocab, state_dict=weights)
         torch.save({"optimizer": optimizer_sd, "vocab_pad": weights["lm_head.weight"][vocab:].clone(),
                     "rng_torch": [{k: r[k] for k in ("torch", "cuda")} for r in rngs],
-                    "scaler": scaler.state_dict() if scaler is not None else {}}, os.path.join(tmp, "trainer.pt"))
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "guard": guard.state_dict() if guard is not None else {}}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump({"step": step, "world_size": d.world_size, "loader": loader.state_dict(), **(record or {}),
                        "rng": [{k: r[k] for k in ("python", "numpy")} for r in rngs]}, f)
     except Exception as e:  # a full disk surfaces as OSError, safetensors' SafetensorError or torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial directory filling the disk
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e)
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
+                or "os error 28" in str(e))
         raise OSError(errno.ENOSPC if full else errno.EIO, f"checkpoint not written ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); the previous checkpoints are kept", tmp) from e
     if os.path.isdir(final):  # the same step again (a re-run): swap, never leaving no checkpoint
@@ -124,21 +128,19 @@ def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scale
         shutil.rmtree(old)
 
 
-def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
-    """Restore weights, optimizer, loader position, this rank's RNGs and the loss scaler's state (where both the
-    checkpoint and this run have one: float16); return the step to start at."""
+def load_checkpoint(path, model, optimizer, loader, d, scaler=None, guard=None):
+    """Restore weights, optimizer, loader position, this rank's RNGs, the loss scaler's state (where both the
+    checkpoint and this run have one: float16) and the spike guard's window; return the step to start at."""
     missing = missing_files(path)
     if missing:
         raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             meta = json.load(f)
-        step, world = int(meta["step"]), int(meta["world_size"])
-        loader_state, rng = meta["loader"], meta["rng"][d.rank]
+        step, loader_state = int(meta["step"]), meta["loader"]
+        rng = meta["rng"][d.rank % len(meta["rng"])]  # on more ranks than wrote it, the ranks' states repeat
     except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}/trainer.json: not a trainer state ({type(e).__name__}: {e})") from None
-    if world != d.world_size:
-        raise ConfigError(f"{path} was written by {world} ranks; resume it with the same world size, not {d.world_size}")
     try:
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or pickled objects that weights_only refuses
@@ -158,11 +160,13 @@ def load_checkpoint(path, model, optimizer, loader, d, scaler=None):
         set_full_state(model, optimizer, sd, state["optimizer"])
         if scaler is not None and state.get("scaler"):  # {}: written by a bfloat16/float32 run or before float16
             scaler.load_state_dict(state["scaler"])
+        if guard is not None and state.get("guard"):  # {}: written before the guard
+            guard.load_state_dict(state["guard"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     loader.load_state_dict(loader_state)
     try:
-        set_rng_state({**rng, **state["rng_torch"][d.rank]})
+        set_rng_state({**rng, **state["rng_torch"][d.rank % len(state["rng_torch"])]})
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{path}: bad RNG state in trainer.json/trainer.pt ({type(e).__name__}: {e})") from None
     return step
@@ -232,24 +236,43 @@ def lock_run(out_dir):
     return f
 
 
-def find_resume(out_dir, resume, overwrite):
-    """The checkpoint a run starts from (None: a fresh start), refusing to mix two runs in one out_dir.
+def step_of(path):
+    """The step of a ckpt_<step> directory."""
+    return int(os.path.basename(os.path.normpath(path))[5:])
 
-    resume "": a fresh run, which needs an out_dir without another run's files (or overwrite: they are
-    deleted first). resume "auto": the newest complete checkpoint; none, while out_dir holds a run (only
-    incomplete checkpoints, say) is refused rather than silently starting over. resume PATH: that checkpoint.
+
+def find_resume(out_dir, resume, overwrite):
+    """The checkpoint a run starts from (None: a fresh start), refusing to mix two runs, or two lines of one run,
+    in one out_dir.
+
+    resume "": a fresh run, which needs an out_dir without another run's files (or overwrite: they are deleted
+    first). resume "auto": the newest complete checkpoint; none, while out_dir holds a run, is refused rather than
+    silently starting over. resume PATH: that checkpoint. In its own out_dir it must be the newest: an older one
+    would start a second line among the first one's checkpoints (overwrite drops the later ones; --out_dir NEW
+    starts the branch in a folder of its own, as any resume into another out_dir does).
     """
     ours, complete = run_contents(out_dir), list_checkpoints(out_dir)
     if resume == "auto" and complete:
         return complete[-1]
-    if resume not in ("", "auto"):
-        if os.path.normpath(os.path.dirname(os.path.normpath(resume))) == os.path.normpath(out_dir):
-            return resume
+    if resume not in ("", "auto") and os.path.normpath(os.path.dirname(os.path.normpath(resume))) == \
+            os.path.normpath(out_dir):
+        later = [c for c in complete if step_of(c) > step_of(resume)]
+        if later and not overwrite:
+            names = ", ".join(os.path.basename(c) for c in later)
+            raise ConfigError(f"--resume {resume}: {out_dir} holds later checkpoints of this run ({names}); to branch "
+                              f"from it, give --out_dir NEW, or drop the later ones with --overwrite true")
+        for c in later:
+            print(f"--overwrite: deleting {c}, later than {resume}", flush=True)
+            shutil.rmtree(c)
+        return resume
     if ours and not overwrite:
         what = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
         if resume == "auto":
-            raise ConfigError(f"--resume auto: {out_dir} holds no complete checkpoint, only {what}; delete them, or "
-                              f"start over with --overwrite true")
+            raise ConfigError(f"--resume auto: {out_dir} holds no complete checkpoint, only {what}; start the run "
+                              f"over with --overwrite true, or pick a new --out_dir")
+        if not complete:
+            raise ConfigError(f"--out_dir {out_dir} holds a run that wrote no complete checkpoint ({what}); start it "
+                              f"over with --overwrite true, or pick a new --out_dir")
         raise ConfigError(f"--out_dir {out_dir} already holds a run ({what}); continue it with --resume auto, pick a "
                           f"new --out_dir, or replace it with --overwrite true")
     clear_run(out_dir)
@@ -302,6 +325,18 @@ class MetricsLog:
             for logger in self.loggers:
                 logger.text(step, name, list(texts))
 
+    def truncate(self, step):
+        """Drop the events from `step` on: a resumed run logs those steps again, as the line it continues."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = [line for line in lines if json.loads(line).get("step", 0) < step]
+        if len(keep) < len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
+
     def close(self):
         for logger in self.loggers:
             logger.close()
@@ -323,26 +358,22 @@ def start_run(cfg, d):
     return lock, ckpt, recorded(ckpt)[1] if ckpt else {}
 
 
-def resume_command(argv, out_dir):
-    """The command line that continues this run: the same flags, without --resume/--overwrite, plus
-    --out_dir and --resume auto."""
-    keep, skip = [], False
-    for a in argv:
-        if skip or a.split("=")[0] in ("--resume", "--overwrite"):
-            skip = not skip and "=" not in a
-            continue
-        keep.append(a)
-    if "--out_dir" not in {a.split("=")[0] for a in keep}:
-        keep += ["--out_dir", out_dir]
-    return " ".join(["python train_gpt2.py", *map(shlex.quote, keep), "--resume", "auto"])
+def resume_command(ckpt, world_size=1):
+    """The command that continues a run from checkpoint ckpt: the checkpoint holds the run's settings."""
+    launch = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+    return f"{launch} train_gpt2.py --resume {shlex.quote(ckpt)}"
 
 
 def interrupted_line(argv, cfg):
-    """What Ctrl-C prints: the newest checkpoint and the command that continues from it, or that there is none.
-    `cfg` is None when the flags were not parsed yet."""
+    """What a second Ctrl-C prints: the newest checkpoint and the command that continues from it, or, before the
+    first one, the command that starts over. `cfg` is None when the flags were not parsed yet."""
     newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
     if newest:
-        return f"interrupted; newest checkpoint {newest[0]}; continue with: {resume_command(argv, cfg.out_dir)}"
+        return f"interrupted; newest checkpoint {newest[0]}; continue with: {resume_command(newest[0])}"
     if cfg is None:
         return "interrupted"
-    return f"interrupted; no checkpoint was written yet (--ckpt_interval {cfg.ckpt_interval}); start over with --overwrite true"
+    keep = [a for i, a in enumerate(argv)
+            if a.split("=")[0] != "--overwrite" and (i == 0 or argv[i - 1] != "--overwrite")]
+    again = " ".join(shlex.quote(a) for a in keep)
+    return (f"interrupted before the first checkpoint; start over with: python train_gpt2.py {again} --overwrite true"
+            ).replace("  ", " ")

@@ -18,10 +18,33 @@ class ConfigError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise ConfigError (one line, exit 2) instead of printing the usage."""
+    """argparse whose usage errors raise ConfigError (one line, exit 2) instead of printing the usage.
+
+    Flags must be spelled in full: argparse's prefix matching would take `--max_step 5` as `--max_steps 5`
+    (and a new flag could silently change what an old abbreviation means). An unknown flag that begins a known
+    one is named in the error: "unrecognized arguments: --max_step 5 (did you mean --max_steps?)"."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         raise ConfigError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise ConfigError(f"unrecognized arguments: {' '.join(extras)}{self.did_you_mean(extras)}")
+        return namespace
+
+    def did_you_mean(self, extras):
+        """' (did you mean --max_steps?)' for the unknown flags in extras that begin known ones, else ''."""
+        hints = []
+        for flag in (arg.split("=", 1)[0] for arg in extras if arg.startswith("--") and arg != "--"):
+            if known := sorted(o for o in self._option_string_actions if o.startswith(flag)):
+                hints.append((flag, " or ".join(known) if len(known) <= 2 else f"one of {', '.join(known)}"))
+        if len(hints) == 1:
+            return f" (did you mean {hints[0][1]}?)"
+        return " (" + "; ".join(f"{flag}: did you mean {names}?" for flag, names in hints) + ")" if hints else ""
 
 
 def parse_bool(s):

@@ -23,8 +23,13 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto | bfloat16 | float16 | float32 (auto: see pick_dtype)
     compile: bool = True
     loss: str = "auto"  # auto | fused | plain: the head's loss path (auto: a rule, see runtime.pick_loss)
+    # auto | true | false: bit-for-bit repeatable runs (auto: on CPU; runtime.set_deterministic)
+    deterministic: str = "auto"
+    # recompute each block's activations in backward: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
     parallel: str = "ddp"  # ddp | fsdp: how torchrun's ranks share the model (FSDP2 shards weights, grads, AdamW)
-    head_vocab: str = "full"  # full | train: the softmax over every id, or over the train shards' ids + 1 (loss.HeadVocab)
+    # full | train: the softmax over every id, or over the train shards' ids + 1 (loss.HeadVocab)
+    head_vocab: str = "full"
     seed: int = 1337
     max_steps: int = 19073  # 10B tokens at 524,288 tokens/step
     total_batch_size: int = 524288  # tokens per optimizer step, across ranks and micro steps
@@ -38,14 +43,17 @@ class TrainConfig:
     beta2: float = 0.95
     init_std: float = 0.02  # --init_from scratch: weights start N(0, init_std) (GPT-2's 0.02)
     grad_clip: float = 1.0  # 0 disables clipping
+    spike_z: float = 5.0  # skip an update whose loss or grad norm is this many std above the last 128 steps' (0: off)
     eval_interval: int = 250
-    val_steps: int = 20  # val batches per eval
+    val_steps: int = 160  # val batches of batch_size per eval, for the whole job (build-nanogpt's 20 on each of 8 GPUs)
     hellaswag_interval: int = 250  # HellaSwag eval every this many steps (0 disables)
     hellaswag_path: str = ""  # a HellaSwag jsonl; "": the val set, downloaded to data/cache/hellaswag/
     sample_interval: int = 250  # 0 disables sampling
     sample_prompt: str = "Hello, I'm a language model,"
     sample_tokens: int = 32
-    shuffle: bool = False  # shuffle the train shards each epoch
+    # false | true | samples: the train shards in order (build-nanogpt's), in a new order each epoch, or that and
+    # each shard's seq_len-token samples in a new order each epoch (data.shards.ShardLoader)
+    shuffle: str = "false"
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF-format dir
     ckpt_interval: int = 1000  # write out_dir/ckpt_<step>/ every this many steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept (the newest)
@@ -81,14 +89,14 @@ PRESETS = {
         block_size=256, seq_len=256, batch_size=16, total_batch_size=4096, max_steps=2000, time_budget=280,
         max_lr=2e-3, min_lr=2e-4, warmup_steps=10, weight_decay=0.1, beta2=0.999, init_std=0.035, eval_interval=250,
         val_steps=10, head_vocab="train",
-        hellaswag_interval=0, sample_interval=100, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle=True),
+        hellaswag_interval=0, sample_interval=100, sample_prompt="ROMEO:\n", sample_tokens=48, shuffle="true"),
     # Continue from GPT-2's weights on your own shards (nanoGPT's finetune_shakespeare: 32 x 1024 tokens per
     # step, constant lr 3e-5): a small constant lr after a short warmup, eval, samples and checkpoints often.
     "finetune": dict(
         init_from="gpt2", data_dir="data/shards/shakespeare", out_dir="out-ft", seq_len=1024, batch_size=8,
         total_batch_size=32768, max_steps=200, max_lr=3e-5, min_lr=3e-5, warmup_steps=10, dropout=0.1,
         eval_interval=20, val_steps=10, hellaswag_interval=0, sample_interval=50, sample_prompt="ROMEO:\n",
-        sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle=True),  # keep all 4: pick the best val loss
+        sample_tokens=64, ckpt_interval=50, keep_last=4, shuffle="true"),  # keep all 4: pick the best val loss
 }
 CHOICES = {"preset": f"; presets: {', '.join(PRESETS)}",  # what --help adds to a flag's default
            "dtype": f"; one of {', '.join(DTYPES)} (auto: bfloat16 where the GPU or CPU has it natively, float16 on "
@@ -112,7 +120,7 @@ def parse_args(argv=None, doc=None):
     if given.get("resume", "") not in ("", "auto") and "out_dir" not in given:  # a resumed run writes where it lives
         given["out_dir"] = os.path.dirname(os.path.normpath(given["resume"])) or "."
     cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
-    cfg.given = set(given)  # which flags the user set: a resume keeps the checkpoint's measured choices otherwise
+    cfg.given = set(given)  # which flags the user set: a resume takes the others from its checkpoint
     return cfg
 
 
@@ -139,6 +147,8 @@ def restore(cfg):
         return cfg, []
     known = {f.name for f in fields(TrainConfig)}  # checkpoints from before --head_vocab and --beta1/2: their values
     run = {"head_vocab": "full", "beta1": 0.9, "beta2": 0.95, **{k: v for k, v in config.items() if k in known}}
+    if isinstance(run.get("shuffle"), bool):  # checkpoints from before --shuffle samples
+        run["shuffle"] = str(run["shuffle"]).lower()
     notes, given = [], getattr(cfg, "given", set())
     for name in sorted(given - set(THIS_INVOCATION)):
         value, was = getattr(cfg, name), decided.get(name, run.get(name))  # dtype auto: what auto picked
@@ -146,7 +156,8 @@ def restore(cfg):
             continue
         if name in FROZEN:
             raise ConfigError(f"--{name} {value}: {ckpt} was trained with --{name} {was}, which cannot change mid-run; "
-                              f"leave the flag out, or start a new run from its weights (--init_from {ckpt} --out_dir NEW)")
+                              f"leave the flag out, or start a new run from its weights "
+                              f"(--init_from {ckpt} --out_dir NEW)")
         notes.append(f"--{name} {value} overrides the run's {was}")
         run[name] = value
     if run["head_vocab"] not in ("full", "train"):
@@ -169,10 +180,14 @@ def validate(cfg, world_size):
         check_float16(device)
     need(cfg.loss in ("auto", "fused", "plain"), f"--loss: expected auto, fused or plain, got {cfg.loss!r}")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel: expected ddp or fsdp, got {cfg.parallel!r}")
+    need(cfg.shuffle in ("false", "true", "samples"),
+         f"--shuffle: expected false, true or samples, got {cfg.shuffle!r}")
+    need(cfg.deterministic in ("auto", "true", "false"),
+         f"--deterministic: expected auto, true or false, got {cfg.deterministic!r}")
     need(cfg.head_vocab in ("full", "train"), f"--head_vocab: expected full or train, got {cfg.head_vocab!r}")
     need(cfg.head_vocab == "full" or cfg.init_from == "scratch", f"--head_vocab {cfg.head_vocab} ties the rows of the "
-         f"ids the train shards lack into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, or "
-         f"--head_vocab full")
+         f"ids the train shards lack into one, which would erase {cfg.init_from}'s: use it with --init_from scratch, "
+         f"or --head_vocab full")
     need(cfg.head_vocab == "full" or cfg.parallel == "ddp", f"--head_vocab {cfg.head_vocab}: works with --parallel ddp "
          f"(FSDP shards the rows it ties), or use --head_vocab full")
     need(cfg.parallel == "ddp" or world_size > 1, f"--parallel fsdp: needs torchrun with 2 or more processes (this "
@@ -190,12 +205,13 @@ def validate(cfg, world_size):
                  "n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(getattr(cfg, name) > 0, f"--{name}: must be positive, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "beta1", "beta2", "init_std", "grad_clip", "dropout",
-                 "time_budget"):
+                 "time_budget", "spike_z"):
         need(math.isfinite(getattr(cfg, name)), f"--{name}: must be a finite number, got {getattr(cfg, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "sample_interval", "sample_tokens",
-                 "ckpt_interval", "run_steps", "hellaswag_interval", "time_budget"):
+                 "ckpt_interval", "run_steps", "hellaswag_interval", "time_budget", "spike_z"):
         need(getattr(cfg, name) >= 0, f"--{name}: must not be negative, got {getattr(cfg, name)}")
-    need(not cfg.sample_interval or cfg.sample_prompt, "--sample_prompt: empty (give some text, or --sample_interval 0)")
+    need(not cfg.sample_interval or cfg.sample_prompt,
+         "--sample_prompt: empty (give some text, or --sample_interval 0)")
     check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
     need(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is larger than --max_lr {cfg.max_lr}")
@@ -203,15 +219,19 @@ def validate(cfg, world_size):
         need(0 <= getattr(cfg, name) < 1, f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.init_std > 0, f"--init_std: must be positive, got {cfg.init_std}")
     need("init_std" not in getattr(cfg, "given", ()) or cfg.init_from == "scratch", f"--init_std {cfg.init_std} "
-         f"sets the weights of a new model, and --init_from {cfg.init_from} loads them: use it with --init_from scratch")
+         f"sets the weights of a new model, and --init_from {cfg.init_from} loads them: "
+         f"use it with --init_from scratch")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     need(cfg.seq_len <= cfg.block_size, f"--seq_len {cfg.seq_len} is longer than --block_size {cfg.block_size}")
     per_step = cfg.batch_size * cfg.seq_len * world_size
+    sizes = [w for w in range(1, 257) if cfg.total_batch_size % (cfg.batch_size * cfg.seq_len * w) == 0]
     need(cfg.total_batch_size % per_step == 0,
          f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
-         f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}")
+         f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_step}" +
+         (f" (world sizes that work at this batch size: {', '.join(map(str, sizes[:8]))})" if sizes else ""))
     need(cfg.keep_last >= 2, f"--keep_last: must be at least 2, got {cfg.keep_last}")
-    need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume), f"--resume: {cfg.resume!r} is not auto or a directory")
+    need(cfg.resume in ("", "auto") or os.path.isdir(cfg.resume),
+         f"--resume: {cfg.resume!r} is not auto or a directory")
     missing = missing_files(cfg.resume) if cfg.resume not in ("", "auto") else []
     if missing:  # checked now, before anything is written next to it
         newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
@@ -232,9 +252,8 @@ def budget_steps(cfg, step, elapsed, step_seconds, eval_batch_seconds):
     elapsed: seconds since the run started, step_seconds: a timed training step, eval_batch_seconds: a timed
     val batch (step 0's eval, after its first batch, which compiles). An eval of val_steps batches comes every
     eval_interval steps and one at the end: it is measured, not derived from the step, because eval scores
-    the full head (the Shakespeare preset's eval batch took 1.6x its training step in float32 on an AVX2 CPU,
-    --head_vocab training 8,192 columns of 50,304). 3% is kept back for sampling, checkpoints and the final
-    save. Never above --max_steps."""
+    the full head, where --head_vocab train trains on fewer columns. 3% is kept back for sampling, checkpoints
+    and the final save. Never above --max_steps."""
     eval_seconds = cfg.val_steps * eval_batch_seconds
     left = 0.97 * cfg.time_budget - elapsed - eval_seconds
     fit = int(left / (step_seconds + eval_seconds / cfg.eval_interval))

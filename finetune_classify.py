@@ -10,7 +10,8 @@ integers 0..K-1, each used, or class names (ids in sorted order, saved as id2lab
 of --train (seeded). Texts are encoded with GPT-2's BPE and cut to --max_length tokens, keeping their start
 (a note says how many were cut); batches are right-padded with <|endoftext|> under an attention mask. After
 each epoch the model with the best val accuracy so far is written to out_dir; the test accuracy is that model's.
-An out_dir holding a previous classifier is overwritten; one holding a language model or its training run is refused.
+An out_dir holding a finished classifier is refused unless --overwrite true (then it is replaced); one holding a
+language model or its training run is always refused.
 """
 import argparse
 import csv
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import hf
 from checkpoint import MetricsLog, load_model, model_dir
-from cli import ConfigError, OneLineParser, check_out_dir, check_seed, run_main
+from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool, run_main
 from data import DataError
 from data.fineweb import parse_json_line, text_field_of
 from data.tokenizer import EOT, get_encoding
@@ -158,10 +159,11 @@ def label_names(rows):
     return names
 
 
-def check_train_out_dir(path):
-    """--out_dir to train into: writable, and holding no model but a classifier (which is overwritten). A
-    language-model run there (a config.json of another architecture, ckpt_* dirs, a metrics.jsonl with
-    train_loss events but no val_acc) is refused: one out_dir holds one run, and never another kind of model."""
+def check_train_out_dir(path, overwrite=False):
+    """--out_dir to train into: writable, and holding no model but a classifier, which is replaced only with
+    overwrite (--overwrite true). A language-model run there (a config.json of another architecture, ckpt_* dirs, a
+    metrics.jsonl with train_loss events but no val_acc) is always refused: one out_dir holds one run, and never
+    another kind of model."""
     check_out_dir(path)
     if not os.path.isdir(path):
         return path
@@ -175,6 +177,9 @@ def check_train_out_dir(path):
         if arch != ["GPT2ForSequenceClassification"]:
             raise ConfigError(f"--out_dir {path}: holds a model that is not a classifier ({config}: "
                               f"architectures {arch}){refuse}")
+        if not overwrite and os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise ConfigError(f"--out_dir {path}: holds a fine-tuned classifier ({config}); fine-tuning would "
+                              f"replace it (pass --overwrite true, or pick another --out_dir)")
     if ckpts := sorted(n for n in os.listdir(path) if n.startswith("ckpt_")):
         raise ConfigError(f"--out_dir {path}: holds a language-model training run ({ckpts[-1]}){refuse}")
     if os.path.isfile(metrics := os.path.join(path, "metrics.jsonl")):
@@ -333,6 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype (auto: see train_gpt2.py --help)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--predict", help="print the label of this text by a saved classifier")
+    p.add_argument("--overwrite", type=parse_bool, default=False, help="replace a classifier already in --out_dir")
     args = p.parse_args(argv)
     for name in ("max_length", "batch_size", "epochs", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -341,7 +347,7 @@ def parse_args(argv=None):
         raise ConfigError("give --data FILE or --train FILE [--val FILE] [--test FILE] (or --predict TEXT)")
     check_seed(args.seed)
     if args.predict is None:
-        check_train_out_dir(args.out_dir)
+        check_train_out_dir(args.out_dir, args.overwrite)
     args.init_from = args.init_from or (args.out_dir if args.predict is not None else "gpt2")
     return args
 

@@ -7,6 +7,8 @@ GPT.generate and GPT.generate_stream check their arguments and call decode.
 
 With the cache each new token costs one position's forward, not the whole context's.
 """
+import math
+
 import torch
 
 
@@ -29,12 +31,12 @@ class KVCache:
 
 def check_sampling(temperature, top_k, top_p):
     """Raise ValueError for sampling settings that have no meaning (None turns top_k / top_p off)."""
-    if not temperature >= 0:  # also NaN
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and not top_k >= 1:
-        raise ValueError(f"top_k must be >= 1 or None (off), got {top_k}")
+        raise ValueError(f"top_k must be >= 1, or off, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
+        raise ValueError(f"top_p must be in (0, 1], or off, got {top_p}")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

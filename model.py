@@ -55,7 +55,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         else:  # query i sees every cached key plus the new ones up to itself
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, past + T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -147,7 +148,8 @@ class GPT(nn.Module):
         idx = token_ids(idx, "idx", V, check_values=cache is None)
         if targets is not None:
             if cache is not None:
-                raise ValueError("targets and cache do not go together: the loss is for training, the cache for decoding")
+                raise ValueError("targets and cache do not go together: "
+                                 "the loss is for training, the cache for decoding")
             targets = token_ids(targets, "targets", V, ignore_index=-100)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} and idx {tuple(idx.shape)} must have the same shape")
@@ -207,7 +209,8 @@ class GPT(nn.Module):
 def token_ids(ids, name, vocab_size, check_values=True, ignore_index=None):
     """ids (B, T) or (T,) of any integer dtype -> int64, the index type of embeddings. check_values: every id is
     in [0, vocab_size) or is ignore_index (a host sync, so skipped while compiling and for generation's steps)."""
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if (not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex
+            or ids.dtype == torch.bool):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be a tensor of integer token ids, got {got}")
     if ids.dim() not in (1, 2):
@@ -225,10 +228,24 @@ def token_ids(ids, name, vocab_size, check_values=True, ignore_index=None):
 def param_counts(config):
     """Parameter counts: total (tied head counted once), as if untied, and without embeddings."""
     C, L, V, b = config.n_embd, config.n_layer, config.vocab_size, 1 if config.bias else 0
-    per_block = 2 * (C + C * b) + (3 * C * C + 3 * C * b) + (C * C + C * b) + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
+    per_block = (2 * (C + C * b) + (3 * C * C + 3 * C * b) + (C * C + C * b) + (4 * C * C + 4 * C * b)
+                 + (4 * C * C + C * b))
     emb = V * C + config.block_size * C
     total = emb + L * per_block + C + C * b
     return {"total": total, "untied": total + V * C, "non_embedding": total - emb}
+
+
+def activation_bytes(config, batch, seq_len, low_precision=True, checkpointing=False):
+    """What backward keeps of one micro batch's forward (batch x seq_len tokens), in bytes, as measured with
+    torch.autograd's saved-tensor hooks (tests/test_model.py): per token and layer 64 * C + 4 * n_head in float32,
+    36 * C under bf16 or float16 autocast, plus its cast copies of the weights (2 bytes each); with activation
+    checkpointing only each block's input (4 * C) and one block recomputed at a time, with its weight copies.
+    Beside the blocks: about 8 * C a token and the fused loss's float32 gradient of the head (4 * V * C)."""
+    C, L, H, V, N = config.n_embd, config.n_layer, config.n_head, config.vocab_size, batch * seq_len
+    layer = N * ((36 if low_precision else 64) * C + 4 * H)  # one block's activations
+    blocks = L * N * 4 * C + layer if checkpointing else L * layer
+    weights = (1 if checkpointing else L) * 12 * C * C * 2 if low_precision else 0  # autocast's copies of the matrices
+    return blocks + weights + N * 8 * C + 4 * V * C
 
 
 def memory_table(configs):
@@ -241,11 +258,14 @@ def memory_table(configs):
     def g(x):
         return f"{x / 2**30:.2f}GiB"
     lines = [f"{'model':<13}{'params':>10}{'untied':>10}{'non-emb':>10}{'fp32':>10}{'bf16':>10}{'train state':>13}"
-             f"{'FSDP/GPU x8':>13}"]
+             f"{'FSDP/GPU x8':>13}{'act/seq':>10}{'ckpt':>10}{'+fixed':>10}"]
     for name, config in configs.items():
-        n = param_counts(config)
+        n, T = param_counts(config), config.block_size
+        one, two = (activation_bytes(config, b, T) for b in (1, 2))
+        ckpt = activation_bytes(config, 2, T, checkpointing=True) - activation_bytes(config, 1, T, checkpointing=True)
         lines.append(f"{name:<13}{m(n['total']):>10}{m(n['untied']):>10}{m(n['non_embedding']):>10}"
-                     f"{g(4 * n['total']):>10}{g(2 * n['total']):>10}{g(16 * n['total']):>13}{g(2 * n['total']):>13}")
+                     f"{g(4 * n['total']):>10}{g(2 * n['total']):>10}{g(16 * n['total']):>13}{g(2 * n['total']):>13}"
+                     f"{g(two - one):>10}{g(ckpt):>10}{g(2 * one - two):>10}")
     return "\n".join(lines)
 
 
@@ -257,7 +277,10 @@ def main():
     print(memory_table(configs))
     print("train state = fp32 weights + grads + AdamW m and v (16 bytes/param), before activations; FSDP/GPU x8 = its\n"
           "share on each of 8 GPUs under --parallel fsdp (DDP keeps all of it on each), plus the unsharded fp32\n"
-          "grads (4 bytes/param) while micro steps accumulate")
+          "grads (4 bytes/param) while micro steps accumulate. act/seq = the activations backward keeps per\n"
+          "1024-token sequence of a micro batch (bf16 autocast, the fused loss); ckpt = the same with\n"
+          "--activation_checkpointing true; +fixed = per micro batch whatever its size (autocast's weight copies,\n"
+          "the head's gradient). A micro batch needs train state + batch_size * act/seq + fixed.")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ GPT2_124M_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M checkpoint, FineWeb-Edu val
 GPT2_124M_HELLASWAG = 0.2945  # acc_norm (play.ipynb: 0.294463)
 GPT3_124M_HELLASWAG = 0.337  # acc_norm, GPT-3 paper's 125M model
 FORMATS = (".png", ".pdf", ".svg")  # --out's extension picks one; none means .png
+PLOTTED = ("train_loss", "val_loss", "hellaswag_acc_norm")  # the keys the panels draw
 
 
 def metrics_path(run):
@@ -63,8 +64,18 @@ def read_metrics(path):
 
 
 def load_runs(runs):
-    """{run: read_metrics' dict} for each run (an out_dir or a metrics file), in order."""
-    return {run: read_metrics(metrics_path(run)) for run in runs}
+    """{run: read_metrics' dict} for each run (an out_dir or a metrics file), in order. A run with nothing to plot
+    (an empty file, or no train_loss, val_loss or hellaswag_acc_norm in it) is a DataError naming its file."""
+    loaded = {}
+    for run in runs:
+        loaded[run] = read_metrics(path := metrics_path(run))
+        if not any(key in loaded[run] for key in PLOTTED):
+            with open(path, "rb") as f:
+                events = sum(1 for line in f if line.strip())
+            why = f"{events} event{'s' * (events > 1)}, none with {', '.join(PLOTTED[:-1])} or {PLOTTED[-1]}" \
+                if events else "the file is empty"
+            raise DataError(f"{path}: nothing to plot ({why})")
+    return loaded
 
 
 def plot_runs(runs, out=None):
@@ -97,7 +108,7 @@ def plot_runs(runs, out=None):
     hella_ax.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"OpenAI GPT-3 124M ({GPT3_124M_HELLASWAG})")
     hella_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
     if not any("hellaswag_acc_norm" in m for _, m in data):
-        hella_ax.text(0.5, 0.5, "no HellaSwag evals in this run" if len(data) == 1 else "no HellaSwag evals in these runs",
+        hella_ax.text(0.5, 0.5, f"no HellaSwag evals in {'this run' if len(data) == 1 else 'these runs'}",
                       transform=hella_ax.transAxes, ha="center", va="center", color="gray")
     for ax in (loss_ax, hella_ax):
         ax.legend(fontsize="small")

@@ -10,9 +10,13 @@
 dtype and loss path are rules over the hardware and software, never timings taken at start, so that one
 command gives the same bits every time; the evidence for each rule is in docs/ (bench.py rows).
 """
+import functools
 import logging
 import os
 import re
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import ConfigError
-from model import param_counts
+from model import activation_bytes, param_counts
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's values
 
@@ -68,19 +72,34 @@ def pick_dtype(dtype, device):
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return ("bfloat16", "native on this GPU") if native else ("float16", "this GPU has no native bf16")
     if device == "cpu":
-        return ("bfloat16", "native bf16 on this CPU") if native_bf16_cpu() else ("float32", "no native bf16 on this CPU")
+        return (("bfloat16", "native bf16 on this CPU") if native_bf16_cpu()
+                else ("float32", "no native bf16 on this CPU"))
     return "float32", f"on {device}"
 
 
 def pick_loss(loss, device, compile):
     """(loss path, why): 'auto' -> 'fused' or 'plain' by a rule that bench.py's rows back (docs/cpu.md, docs/gpu.md).
-    On CUDA fused: the plain path's full logits are the largest tensor of a step (6.6 GB in bf16 for GPT-2 124M at
-    64 x 1024). On CPU compiled plain (inductor fuses the softmax over the logits well), eager fused."""
+    On CUDA (and Apple's mps) fused: the plain path's full logits are the largest tensor of a step (6.6 GB in bf16
+    for GPT-2 124M at 64 x 1024). On CPU compiled plain (inductor fuses the softmax over the logits well), eager
+    fused."""
     if loss != "auto":
         return loss, "given"
-    if device.startswith("cuda"):
-        return "fused", "CUDA: the full logits would be the largest tensor"
+    if device.startswith("cuda") or device == "mps":
+        return "fused", f"{device.split(':')[0].upper()}: the full logits would be the largest tensor"
     return ("plain", "compiled on CPU") if compile else ("fused", "eager on CPU")
+
+
+def set_deterministic(mode, device):
+    """(on, why) for --deterministic auto|true|false, applied: on is torch.use_deterministic_algorithms, so that one
+    command repeats bit for bit. auto: on for CPU, where compiled runs otherwise drift: inductor sums the embedding's
+    gradient rows of repeated ids with atomic adds across threads, in the order the threads reach them (docs/cpu.md
+    has a reproduction and the cost); off on CUDA, whose atomics in attention and cuBLAS are faster."""
+    on = mode == "true" or (mode == "auto" and device == "cpu")
+    if on and device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode; before its 1st use
+    torch.use_deterministic_algorithms(on, warn_only=True)  # an op without a deterministic kernel warns, not fails
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no need to fill torch.empty: nothing reads it
+    return on, "given" if mode != "auto" else "CPU" if on else "CUDA" if device.startswith("cuda") else device
 
 
 def make_autocast(dtype, device):
@@ -119,7 +138,8 @@ def check_float16(device):
     except Exception as e:
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         raise ConfigError(f"--dtype float16: float16 autocast with loss scaling does not work on {device} with torch "
-                          f"{torch.__version__} ({type(e).__name__}: {line[:200]}); use --dtype bfloat16 or float32") from None
+                          f"{torch.__version__} ({type(e).__name__}: {line[:200]}); "
+                          f"use --dtype bfloat16 or float32") from None
 
 
 @dataclass
@@ -144,6 +164,19 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t = t / self.world_size
         return t
+
+    def sum(self, t):
+        """Sum a tensor over ranks."""
+        if self.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag):
+        """Whether any rank's flag is set, on every rank (one small all-reduce)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item())
 
     def barrier(self):
         if self.world_size > 1:
@@ -172,6 +205,33 @@ class Dist:
         out = fn() if self.master else None
         self.barrier()
         return out if self.master else fn()
+
+
+class Stopper:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before they preempt a job) ask the run to stop after its
+    current step, with a checkpoint; a second Ctrl-C stops at once (KeyboardInterrupt). `signal` holds the name
+    of the first one received, None before. A context manager, in the main thread (where Python runs handlers)."""
+
+    def __init__(self, verbose=True):
+        self.signal, self.verbose, self.previous = None, verbose, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signal.Signals(signum).name
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again stops "
+                  f"at once)", file=sys.stderr, flush=True)
 
 
 def setup_dist(device):
@@ -224,7 +284,16 @@ class Wrapped(NamedTuple):
     release: Callable[[], None]  # before destroy_process_group: drop our references to the process group
 
 
-def wrap_model(lm, parallel, compile, d):
+def checkpoint_activations(model):
+    """Recompute each transformer block's activations in backward instead of keeping them (torch.utils.checkpoint,
+    non-reentrant): only the blocks' inputs stay in memory, for one more forward of the blocks per step. Each
+    block's forward is wrapped in place, inside the module's call, so FSDP's hooks still run around it."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def wrap_model(lm, parallel, compile, d, activation_checkpointing=False):
     """Compile lm (a loss.LMLoss) and spread it over torchrun's ranks: the one place a parallelism is applied.
 
     ddp: each rank holds all of the model; DDP all-reduces the gradients in backward. fsdp (FSDP2's fully_shard):
@@ -240,6 +309,8 @@ def wrap_model(lm, parallel, compile, d):
     release(), before destroy_process_group: drops the group from FSDP's device mesh (a private dict), which
     DTensor's caches keep alive, so that the group's last reference goes and gloo's threads are joined.
     """
+    if activation_checkpointing:
+        checkpoint_activations(lm.model)
     fsdp = parallel == "fsdp" and d.world_size > 1
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -293,3 +364,30 @@ def flops_per_token(config, seq_len, convention="nanogpt"):
     if convention == "llmc":
         return 6 * total + 6 * config.n_layer * config.n_embd * seq_len
     return 6 * (total - config.block_size * config.n_embd) + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp", skip=None):
+    """The first (batch_size, activation checkpointing, fsdp) that model.py's memory estimate says fits a GPU of
+    gpu_bytes (8/10 of it, for what the estimate leaves out: the allocator's slack, backward's transient buffers):
+    the largest batch size up to batch_size that divides the step, then with activation checkpointing, then with
+    --parallel fsdp on several ranks. skip: a choice known not to fit. None if nothing does."""
+    state = 16 * param_counts(config)["total"]  # fp32 weights, grads, AdamW's m and v
+    for fsdp in (parallel == "fsdp", True) if world_size > 1 else (False,):
+        for ckpt in (False, True):
+            for b in range(batch_size, 0, -1):
+                need = state / (world_size if fsdp else 1) + activation_bytes(config, b, seq_len, checkpointing=ckpt)
+                if total_batch_size % (b * seq_len * world_size) == 0 and (b, ckpt, fsdp) != skip and \
+                        need <= 0.8 * gpu_bytes:
+                    return b, ckpt, fsdp
+    return None
+
+
+def memory_advice(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp"):
+    """The flags to use instead of an out-of-memory --batch_size, by memory_plan, or None."""
+    plan = memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel,
+                       skip=(batch_size, False, parallel == "fsdp"))
+    if plan is None:
+        return None
+    b, ckpt, fsdp = plan
+    return " ".join([f"--batch_size {b}"] + ["--activation_checkpointing true"] * ckpt +
+                    ["--parallel fsdp"] * (fsdp and parallel != "fsdp"))

@@ -5,11 +5,11 @@
 
 --init_from takes a training out_dir (its final model, else its newest checkpoint), a ckpt_* dir,
 a Hugging Face GPT-2 directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl. Generation decodes
-with a key/value cache and stops early at <|endoftext|>.
+with a key/value cache and stops early at <|endoftext|>. A prompt longer than the model's block_size is
+printed whole, but the model sees only its last block_size tokens (a note on stderr says how many were cut).
 """
 import argparse
 import codecs
-import math
 import sys
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from checkpoint import load_model
 from cli import ConfigError, OneLineParser, check_seed, parse_bool, run_main
 from data.tokenizer import EOT, get_encoding
+from generate import check_sampling
 from runtime import pick_dtype, resolve_device
 
 
@@ -44,23 +45,24 @@ def parse_args(argv=None):
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan passes a `< 0` check
-        raise ConfigError(f"--temperature: must be a finite number >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise ConfigError(f"--top_k: must not be negative (0 disables), got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top_p: must be in (0, 1], got {args.top_p}")
+    args.top_k = args.top_k or None  # 0: off
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)  # the model's own checks, named as flags
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
     check_seed(args.seed)
     if args.dtype not in ("auto", "bfloat16", "float32"):
         raise ConfigError(f"--dtype: expected auto, bfloat16 or float32, got {args.dtype!r}")
     return args
 
 
-def stream(model, enc, idx, args, generator, out=sys.stdout):
-    """Generate one sample for the prompt idx (1, T), writing text as it comes; return the new tokens."""
+def stream(model, enc, idx, args, generator, out=None):
+    """Generate one sample for the prompt idx (1, T), writing text to out (sys.stdout at call time) as it comes;
+    return the new tokens."""
+    out = sys.stdout if out is None else out
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     new = []
-    for tok in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+    for tok in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, eos_token_id=EOT, generator=generator):
         t = int(tok[0, 0])
         if t == EOT:
@@ -81,6 +83,10 @@ def sample(args):
         model.forward = torch.compile(model.forward, dynamic=True)
     enc = get_encoding()
     ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    if len(ids) > (block := model.config.block_size):  # generate keeps the last block_size tokens: say so
+        print(f"note: the prompt is {len(ids)} tokens, more than the model's block_size {block}: its first "
+              f"{len(ids) - block} are cut and generation sees the last {block} (the output still shows it all)",
+              file=sys.stderr)
     idx = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+import hf
 from checkpoint import (
     REAL_VOCAB,
     MetricsLog,
@@ -33,6 +34,7 @@ from checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model,
+    resume_command,
     save_checkpoint,
     start_run,
 )
@@ -44,16 +46,19 @@ from data.tokenizer import get_encoding
 from loggers import check_loggers, open_loggers
 from loss import HeadVocab, LMLoss
 from model import GPT, GPTConfig, memory_table
-from optim import configure_optimizers, get_lr
+from optim import SpikeGuard, configure_optimizers, get_lr, step_unless
 from runtime import (
+    Stopper,
     check_compile,
     compiled_graphs,
     flops_per_token,
     gpu_peak_flops,
     make_autocast,
     make_scaler,
+    memory_advice,
     pick_dtype,
     pick_loss,
+    set_deterministic,
     setup_dist,
     wrap_model,
 )
@@ -89,6 +94,8 @@ class Run:
     step_times: list = field(default_factory=list)
     eval_batch_seconds: float | None = None  # a val batch, timed at the first eval: what --time_budget counts
     graphs_before: int = 0
+    guard: SpikeGuard | None = None  # skips an update whose loss or norm spikes
+    lock: object = None  # out_dir's lock file, held while the process lives
 
     @property
     def end(self):
@@ -97,7 +104,8 @@ class Run:
 
     def record(self):
         """What a checkpoint keeps of the run beside its weights: the config and the decisions made at start."""
-        return {"config": asdict(self.cfg), "run": {"dtype": self.dtype, "loss": self.loss, "max_steps": self.max_steps}}
+        return {"config": asdict(self.cfg),
+                "run": {"dtype": self.dtype, "loss": self.loss, "max_steps": self.max_steps}}
 
 
 def build_model(cfg):
@@ -127,13 +135,17 @@ def check_inputs(cfg, d):
     model = build_model(cfg).to(d.device)
     vocab, block = model.config.vocab_size, model.config.block_size  # pretrained weights bring their own
     if cfg.seq_len > block:
-        raise ConfigError(f"--seq_len {cfg.seq_len} is longer than the model's context ({block} tokens, {cfg.init_from})")
+        raise ConfigError(f"--seq_len {cfg.seq_len} is longer than the model's context "
+                          f"({block} tokens, {cfg.init_from})")
     if cfg.hellaswag_interval and vocab < REAL_VOCAB:
         raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
                           f"(--hellaswag_interval 0 turns it off)")
+    if vocab >= hf.GPT2_VOCAB:
+        hf.gpt2_bpe_files()  # the tokenizer files every checkpoint carries: a missing BPE file stops the run now
     B, T, W = cfg.batch_size, cfg.seq_len, d.world_size
     for paths in (train_paths, val_paths):  # each rank scans its share of the shards; all ranks share the verdict
-        problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W, min_tokens=B * T * W + 1))
+        problem = d.first(shard_problem(paths, min(vocab, REAL_VOCAB), rank=d.rank, world_size=W,
+                                        min_tokens=B * T * W + 1))
         if problem:
             raise DataError(problem)
     return model, train_paths, val_paths, hs_examples
@@ -171,6 +183,7 @@ def setup(cfg):
     cfg, notes = restore(cfg)  # --resume: the checkpoint's TrainConfig, with the flags given winning
     validate(cfg, d.world_size)
     check_loggers(cfg)  # a missing package stops the run now, before data and model load
+    deterministic = set_deterministic(cfg.deterministic, d.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -188,13 +201,15 @@ def setup(cfg):
     B, T, W = cfg.batch_size, cfg.seq_len, d.world_size
     c = model.config
     d.print0(f"device {d.device} x{W} {cfg.parallel} | dtype {dtype} ({why[0]}) | compile {cfg.compile} | loss {loss} "
-             f"({why[1]}) | grad accum {cfg.total_batch_size // (B * T * W)} | {len(train_paths)} train / "
-             f"{len(val_paths)} val shards in {cfg.data_dir}")
+             f"({why[1]}) | deterministic {'on' if deterministic[0] else 'off'} ({deterministic[1]}) | grad accum "
+             f"{cfg.total_batch_size // (B * T * W)} | {len(train_paths)} train / {len(val_paths)} val shards in "
+             f"{cfg.data_dir}")
     d.print0(memory_table({f"{c.n_layer}L/{c.n_head}H/{c.n_embd}": c}))
     lm = LMLoss(model, fused=loss == "fused")
     graphs_before = compiled_graphs()  # check_compile's graph is not the model's
-    wrapped = wrap_model(lm, cfg.parallel, cfg.compile, d)  # under FSDP `model` now holds this rank's shards
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device.split(":")[0])
+    wrapped = wrap_model(lm, cfg.parallel, cfg.compile, d, cfg.activation_checkpointing)  # FSDP: `model` holds shards
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2),
+                                     d.device.split(":")[0])
     lm.head = head_vocab(cfg, model, train_paths, optimizer, d)
     if d.master:
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
@@ -202,41 +217,46 @@ def setup(cfg):
     name = torch.cuda.get_device_name(d.device) if d.device.startswith("cuda") else ""
     if name and not gpu_peak_flops(name):
         d.print0(f"MFU: unknown GPU ({name})")
-    max_steps = recorded.get("max_steps", cfg.max_steps) if "max_steps" not in getattr(cfg, "given", ()) else cfg.max_steps
+    max_steps = (recorded.get("max_steps", cfg.max_steps) if "max_steps" not in getattr(cfg, "given", ())
+                 else cfg.max_steps)
     run = Run(cfg, d, dtype, loss, max_steps, model, wrapped, optimizer,
               make_scaler(dtype, d.device), make_autocast(dtype, d.device),
               ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed),
               ShardLoader(val_paths, B, T, d.rank, W), hellaswag.prepare(hs_examples, get_encoding()),
               MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master, loggers),
               cfg.total_batch_size // (B * T * W), flops_per_token(c, T), gpu_peak_flops(name) if name else None,
-              t_start, graphs_before=graphs_before)
+              t_start, graphs_before=graphs_before, guard=SpikeGuard(cfg.spike_z, device=d.device), lock=lock)
     if ckpt:
-        run.start = load_checkpoint(ckpt, model, optimizer, run.train_loader, d, run.scaler)
+        run.start = load_checkpoint(ckpt, model, optimizer, run.train_loader, d, run.scaler, run.guard)
+        run.log.truncate(run.start)  # the steps after the checkpoint are logged again, as this line runs them
         d.print0(f"resumed from {ckpt} at step {run.start}")
         for group in optimizer.param_groups:  # the run's betas, or those given (restore said so)
             group["betas"] = (cfg.beta1, cfg.beta2)
-    run.lock = lock  # held until the process exits
     return run
 
 
 @torch.no_grad()
 def evaluate(run):
-    """The val loss: the mean over cfg.val_steps batches from the val loader's start, averaged across ranks;
-    also times a batch after the first (which compiles), what --time_budget counts an eval at."""
-    lm, loader, steps = run.wrapped.eval, run.val_loader, run.cfg.val_steps
+    """The val loss: the mean over the first cfg.val_steps batches of the val stream, whatever the world size (rank
+    r scores batches r, r + W, ...; every rank runs as many forwards, as FSDP needs). Also times a batch after the
+    first round (which compiles): what --time_budget counts an eval at."""
+    lm, loader, steps, d = run.wrapped.eval, run.val_loader, run.cfg.val_steps, run.d
+    rounds = -(-steps // d.world_size)
     lm.eval()
     loader.reset()
-    total, t0 = torch.zeros((), device=run.d.device), time.time()
-    for i in range(steps):
-        x, y = loader.next_batch()
+    total, t0 = torch.zeros((), device=d.device), time.time()
+    for i in range(rounds):
+        x, y = loader.next_batch()  # batch i * W + rank of the stream
         with run.autocast:
-            total += lm(x.to(run.d.device), y.to(run.d.device)).detach().float()
-        if i == 0 and steps > 1:
-            total.item()  # waits for the first batch's kernels (CUDA)
+            loss = lm(x.to(d.device), y.to(d.device)).detach().float()
+        if i * d.world_size + d.rank < steps:
+            total += loss
+        if i == 0 and rounds > 1:
+            total.item()  # waits for the first round's kernels (CUDA)
             t0 = time.time()
-    val_loss = run.d.mean(total / steps).item()
+    val_loss = d.sum(total).item() / steps
     lm.train()
-    run.eval_batch_seconds = run.eval_batch_seconds or (time.time() - t0) / max(1, steps - 1)
+    run.eval_batch_seconds = run.eval_batch_seconds or (time.time() - t0) / max(1, rounds - 1) / d.world_size
     return val_loss
 
 
@@ -296,7 +316,8 @@ def forward_backward(lm, x, y, grad_accum, autocast, scaler):
 
 
 def train_step(run, step):
-    """One optimizer step over grad_accum micro batches: (train loss, grad norm, lr, skipped, seconds)."""
+    """One optimizer step over grad_accum micro batches: (train loss, grad norm, lr, why it was skipped or None,
+    seconds). The update is skipped, on the device, for a float16 overflow or a spike (optim.SpikeGuard)."""
     d, cfg, opt, scaler = run.d, run.cfg, run.optimizer, run.scaler
     t0, scale = time.time(), scaler.get_scale()
     opt.zero_grad(set_to_none=True)
@@ -311,20 +332,22 @@ def train_step(run, step):
     scaler.unscale_(opt)  # float16: the true gradients, for the norm and clipping
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
+    loss = d.mean(loss_sum)  # every rank's, so that all decide alike
+    spike, z = run.guard(loss, norm)
     lr = get_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, run.max_steps)
     for group in opt.param_groups:
         group["lr"] = lr
-    scaler.step(opt)  # float16: skipped if a gradient overflowed (inf/nan), decided on the device
+    step_unless(opt, scaler, spike)
     scaler.update()
-    if d.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    # read back only now: an .item() before optimizer.step() would stall the GPU queue every step
-    train_loss, norm = d.mean(loss_sum).item(), norm.item()
-    skipped = scaler.get_scale() < scale  # update() lowers the scale exactly when step() skipped an overflow
+    # read back only now, in one go: an .item() before optimizer.step() would stall the GPU queue every step
+    train_loss, norm, spike, z_loss, z_norm = torch.stack([loss, norm.float(), spike, *z.float()]).tolist()
+    skipped = f"spike: loss z {z_loss:.1f}, norm z {z_norm:.1f}" if spike else \
+        "fp16 overflow" if scaler.get_scale() < scale else None  # update() lowers the scale on an overflow
     if not (math.isfinite(train_loss) and (math.isfinite(norm) or skipped)) or scaler.get_scale() < 1:
         newest = (list_checkpoints(cfg.out_dir) or ["none"])[-1]
         low = scaler.get_scale() < 1
-        what = f"loss {train_loss}, grad norm {norm}" + (f", loss scale {scaler.get_scale():g}" if scaler.is_enabled() else "")
+        what = (f"loss {train_loss}, grad norm {norm}"
+                + (f", loss scale {scaler.get_scale():g}" if scaler.is_enabled() else ""))
         hint = "float16 overflows even unscaled: use --dtype bfloat16 or float32" if low else "try a lower --max_lr"
         raise TrainingError(f"step {step}: {what}: training diverged; stopped without saving (newest checkpoint: "
                             f"{newest}); {hint}")
@@ -347,27 +370,30 @@ def log_step(run, step, train_loss, norm, lr, skipped, dt):
     cfg, d, scaler = run.cfg, run.d, run.scaler
     tok_per_sec = cfg.total_batch_size / dt
     mfu = run.flops_per_token * tok_per_sec / (run.peak_flops * d.world_size) if run.peak_flops else None
-    recent = run.step_times[-20:]
+    recent = (run.step_times[1:] or run.step_times)[-20:]  # not this invocation's first step, which compiles
     eta = f"eta {statistics.mean(recent) * (run.max_steps - step - 1) / 60:.1f} min"
     if cfg.time_budget and step < BUDGET_PROBE:
         eta = f"eta after step {BUDGET_PROBE}"
     d.print0(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
              f"{tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "") + f" | {eta}")
     if skipped:
-        d.print0(f"step {step:5d} | fp16 overflow: step skipped, loss scale -> {scaler.get_scale():g}")
-    run.log.write(step=step, train_loss=train_loss, lr=lr, **({"skipped": True} if skipped else {"norm": norm}),
+        d.print0(f"step {step:5d} | {skipped}: update skipped" +
+                 (f", loss scale -> {scaler.get_scale():g}" if scaler.is_enabled() else ""))
+    run.log.write(step=step, train_loss=train_loss, lr=lr, **({"norm": norm} if math.isfinite(norm) else {}),
+                  **({"skipped": True, "reason": skipped} if skipped else {}),
                   dt_ms=dt * 1000, tokens_per_sec=tok_per_sec, **({"mfu": mfu} if mfu else {}),
                   **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}))
 
 
-def finish(run):
-    """The summary line, the final model (when the run reached max_steps), and a clean exit from torchrun."""
+def finish(run, end):
+    """The summary line, the final model (when the run reached max_steps), and a clean exit from torchrun; `end`:
+    one past the last step run."""
     cfg, d = run.cfg, run.d
     if run.step_times:
         med = statistics.median(run.step_times)
-        d.print0(f"done: steps {run.start}-{run.end - 1} in {time.time() - run.t_start:.0f} s wall (setup and compile "
+        d.print0(f"done: steps {run.start}-{end - 1} in {time.time() - run.t_start:.0f} s wall (setup and compile "
                  f"included) | median step {med * 1000:.0f} ms, {cfg.total_batch_size / med:,.0f} tok/s")
-    if run.end == run.max_steps:
+    if end == run.max_steps:
         weights = full_state(run.model)[0]  # every rank: FSDP gathers the shards
         if d.master:
             run.model.save_pretrained(cfg.out_dir, vocab_size=min(run.model.config.vocab_size, REAL_VOCAB),
@@ -386,23 +412,53 @@ def finish(run):
         dist.destroy_process_group()
 
 
+def out_of_memory_line(run):
+    """What an out-of-memory first step says: the flags that model.py's estimate says would fit this GPU."""
+    cfg, d, c = run.cfg, run.d, run.model.config
+    gpu = torch.cuda.get_device_properties(d.device)
+    advice = memory_advice(c, cfg.batch_size, cfg.seq_len, cfg.total_batch_size, d.world_size, gpu.total_memory,
+                           cfg.parallel)
+    return (f"out of GPU memory in the first step at --batch_size {cfg.batch_size} ({gpu.name}, "
+            f"{gpu.total_memory / 2**30:.0f} GiB); " +
+            (f"by the memory estimate (python model.py) this fits: {advice}" if advice else
+             "by the memory estimate (python model.py) no batch size fits one GPU: use more GPUs with --parallel fsdp"))
+
+
 def train(cfg):
-    run = setup(cfg)
-    gc.collect()
-    gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
-    step = run.start
-    while step < run.end:
-        periodic_evals(run, step)
-        train_loss, norm, lr, skipped, dt = train_step(run, step)
-        run.step_times.append(dt)
-        if run.cfg.time_budget and step == BUDGET_PROBE:
-            fix_budget(run, step)
-        log_step(run, step, train_loss, norm, lr, skipped, dt)
-        if (run.cfg.ckpt_interval and (step + 1) % run.cfg.ckpt_interval == 0) or step + 1 == run.end:
-            save_checkpoint(run.cfg.out_dir, run.cfg.keep_last, step + 1, run.model, run.optimizer, run.train_loader,
-                            run.d, run.scaler, run.record())
-        step += 1
-    finish(run)
+    """Train as cfg says; returns the signal that stopped the run early (SIGINT, SIGTERM), or None."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with Stopper() as stopper:
+            run = setup(cfg)
+            gc.collect()
+            gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
+            step = run.start
+            while step < run.end:
+                try:
+                    periodic_evals(run, step)
+                    train_loss, norm, lr, skipped, dt = train_step(run, step)
+                except torch.cuda.OutOfMemoryError:
+                    if step != run.start:
+                        raise
+                    raise ConfigError(out_of_memory_line(run)) from None
+                run.step_times.append(dt)
+                if run.cfg.time_budget and step == BUDGET_PROBE:
+                    fix_budget(run, step)
+                log_step(run, step, train_loss, norm, lr, skipped, dt)
+                stop = run.d.any(stopper.signal is not None)  # every rank stops at the same step
+                if stop or (run.cfg.ckpt_interval and (step + 1) % run.cfg.ckpt_interval == 0) or step + 1 == run.end:
+                    save_checkpoint(run.cfg.out_dir, run.cfg.keep_last, step + 1, run.model, run.optimizer,
+                                    run.train_loader, run.d, run.scaler, run.record(), run.guard)
+                step += 1
+                if stop and step < run.end:
+                    finish(run, step)
+                    ckpt = os.path.join(run.cfg.out_dir, f"ckpt_{step:06d}")
+                    run.d.print0(f"stopped at step {step} ({stopper.signal or 'another rank'}); saved {ckpt}; continue "
+                                 f"with: {resume_command(ckpt, run.d.world_size)}")
+                    return stopper.signal or "SIGTERM"
+            finish(run, step)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def main(argv=None):
@@ -411,9 +467,11 @@ def main(argv=None):
     def go():
         nonlocal cfg
         cfg = parse_args(argv, doc=__doc__)
-        train(cfg)
+        return train(cfg)
     try:
-        run_main(go)
+        stopped = run_main(go)
+        if stopped:
+            sys.exit(130 if stopped == "SIGINT" else 143)  # the shell's codes for a run ended by that signal
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

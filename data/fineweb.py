@@ -5,7 +5,7 @@ rest fill `<prefix>_train_000001.npy`, ... of `shard_size` tokens each. Every do
 with <|endoftext|>. Local input: a .txt file (one document), a .jsonl or .parquet file (one
 document per row, field --text_field), or a folder of such files; val_tokens defaults to ~10% of
 it, and a document longer than that is cut at the boundary, so one small .txt still gives a val
-and a train shard.
+and a train shard. A note on stderr names each input skipped: a folder's other entries, files without text.
 
 Usage:
     python data/fineweb.py                              # sample-10BT -> data/shards/edufineweb
@@ -29,6 +29,7 @@ from data.tokenizer import EOT, get_encoding
 SHARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards")
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 HUB_VAL_TOKENS = 10**8  # build-nanogpt's val shard 0
+SHOW_SKIPPED = 20  # a note names this many of a folder's skipped entries
 
 
 def tokenize(texts, num_threads=None, batch=256):
@@ -45,12 +46,28 @@ def tokenize(texts, num_threads=None, batch=256):
             yield np.array([EOT] + tokens, dtype=np.uint16)  # (n,)
 
 
+def note(message):
+    """One line on stderr: stdout keeps the final summary."""
+    print(f"note: {message}", file=sys.stderr)
+
+
 def input_files(path):
-    """The files to read under `path` (a supported file, or a folder's supported files, sorted)."""
+    """The files to read under `path` (a supported file, or a folder's supported files, sorted). A folder's other
+    entries (other extensions, subfolders: it is not read recursively) are named in a note."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
+        files, skipped = [], []
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name.endswith(EXTENSIONS) and os.path.isfile(full):
+                files.append(full)
+            else:
+                skipped.append(name + "/" * os.path.isdir(full))
         if not files:
             raise DataError(f"--input {path}: folder has no {'/'.join(EXTENSIONS)} files")
+        if skipped:
+            more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
+            note(f"skipped {len(skipped)} of {len(files) + len(skipped)} entries in {path}, which are not "
+                 f"{'/'.join(EXTENSIONS)} files: {', '.join(skipped[:SHOW_SKIPPED])}{more}")
         return files
     if not os.path.exists(path):
         raise DataError(f"--input {path}: no such file or folder")
@@ -60,18 +77,25 @@ def input_files(path):
 
 
 def read_texts(files, text_field="text"):
-    """Yield the documents of local files: a whole .txt, or `text_field` of each .jsonl/.parquet row."""
+    """Yield the documents of local files: a whole .txt, or `text_field` of each .jsonl/.parquet row. A file that
+    gives none (empty, blank, no rows) is named in a note."""
     for path in files:
+        empty = True
         try:
-            yield from _read_file(path, text_field)
+            for text in _read_file(path, text_field):
+                empty = False
+                yield text
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if empty:
+            note(f"skipped {path}: {'no text' if path.endswith('.txt') else 'no rows'} in it (an empty file?)")
 
 
 def _read_file(path, text_field):
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
-            yield f.read()
+            if (text := f.read()).strip():  # a blank file is no document, not a lone <|endoftext|>
+                yield text
     elif path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):

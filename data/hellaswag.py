@@ -180,7 +180,8 @@ def main(argv=None):
         args = p.parse_args(argv)
         device = resolve_device(args.device)
         if args.batch_size <= 0 or args.limit < 0:
-            raise ConfigError(f"--batch_size must be positive and --limit not negative, got {args.batch_size}, {args.limit}")
+            raise ConfigError(f"--batch_size must be positive and --limit not negative, got "
+                              f"{args.batch_size}, {args.limit}")
         examples = load_examples(args.jsonl or download())[:args.limit or None]
         model = load_model(args.model, flag="--model")
         if model.config.vocab_size < 50257:
@@ -190,7 +191,8 @@ def main(argv=None):
         counts = evaluate(lambda idx: model(idx)[0], prepare(examples, get_encoding()), model.config.block_size, device,
                           args.batch_size, make_autocast(dtype, device), progress=True)
         correct, correct_norm, total = counts.tolist()
-        print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f}")
+        print(f"{args.model} | {dtype} | {total} examples | acc {correct / total:.4f} | "
+              f"acc_norm {correct_norm / total:.4f}")
     run_main(run)
 
 

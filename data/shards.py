@@ -7,7 +7,9 @@ These are exactly build-nanogpt's edufineweb_*.npy files, so they work unchanged
 import contextlib
 import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -18,6 +20,8 @@ from data import DataError
 
 EOT = 50256
 SCAN_CHUNK = 2**24  # tokens per chunk when scanning a shard for its max id (32 MiB)
+PARTIAL = ".partial-"  # write_splits' working folder inside out_dir: <prefix>.partial-XXXXXXXX
+PARTIAL_FILE = re.compile(r".+_(train|val)_\d{6}\.npy(\.tmp\d+)?")  # what one holds: shards, write_shard's temps
 
 
 def shard_name(prefix, split, idx):
@@ -49,6 +53,7 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
     existing shards. All or nothing: the shards are written into a `<prefix>.partial-*` folder
     inside out_dir and moved into place (val last, so its presence marks a complete set) only
     once every one is written; on any failure, Ctrl-C included, whatever this call wrote is removed.
+    A SIGKILL leaves the folder: the next call into out_dir removes it, with a note (remove_stale_partials).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -59,9 +64,13 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
     except MemoryError:
         raise DataError(f"shard_size {shard_size:,} tokens needs {shard_size / 2**29:.1f} GiB of memory for one "
                         f"shard; pick a smaller shard size") from None
+    if stale := remove_stale_partials(out_dir):
+        print(f"note: removed {len(stale)} folder{'s' * (len(stale) > 1)} of shards left by a killed run: "
+              f"{', '.join(stale)}", file=sys.stderr)
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    partial, moved = tempfile.mkdtemp(prefix=f"{prefix}.partial-", dir=out_dir), []
+    partial, moved = tempfile.mkdtemp(prefix=f"{prefix}{PARTIAL}", dir=out_dir), []
+    lock = _lock_dir(partial)  # held until we return or die: a later run sees the folder is in use
     try:
         counts, val = _pack_train(docs, partial, prefix, buf, progress)
         if not counts["train_docs"] + counts["val_docs"]:
@@ -83,8 +92,54 @@ def write_splits(docs, out_dir, prefix, shard_size=10**8, hint="", progress=True
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     os.rmdir(partial)
     return dict(out_dir=out_dir, **counts)
+
+
+def _lock_dir(path):
+    """An fd holding an exclusive flock on directory path, or None if a live process holds it, or where there
+    are no such locks (Windows, some network filesystems). The OS drops the lock when its process dies, SIGKILL
+    included, so a free lock on a partial folder means its writer is gone."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # removed meanwhile
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:  # BlockingIOError: held by a live writer; others: no locks here
+        os.close(fd)
+        return None
+
+
+def remove_stale_partials(out_dir):
+    """Remove the <prefix>.partial-* folders in out_dir that a killed write_splits left behind (a kill cannot be
+    caught, so its own cleanup never ran); return their paths. A folder a live run holds (its flock), or one
+    holding anything but shards, is left alone."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        path = os.path.join(out_dir, name)
+        if PARTIAL not in name or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            ours = all(PARTIAL_FILE.fullmatch(f) for f in os.listdir(path))
+        except OSError:  # gone meanwhile (its run finished), or unreadable
+            continue
+        if not ours or (lock := _lock_dir(path)) is None:
+            continue
+        try:
+            shutil.rmtree(path)
+        finally:
+            os.close(lock)
+        removed.append(path)
+    return removed
 
 
 def _pack_train(docs, out_dir, prefix, buf, progress):
@@ -195,15 +250,17 @@ class ShardLoader:
     Each next_batch() consumes a global window of B*T*world_size tokens; rank r takes the
     r-th B*T slice plus one target token. Ranks never overlap, and together they read every
     token: windows cross shard boundaries and wrap into the next epoch (unlike build-nanogpt,
-    which drops each shard's tail). With shuffle, epoch e visits the shards in the order
-    np.random.default_rng(seed + e).permutation(n).
+    which drops each shard's tail). shuffle "false": the shards in order, as build-nanogpt reads them.
+    "true": epoch e visits the shards in the order np.random.default_rng(seed + e).permutation(n). "samples": so
+    does it, and within each shard it reads the T-token samples in an order of their own for each epoch and
+    seed (a shard's last, shorter piece stays last): every token is still read once an epoch.
     """
 
-    def __init__(self, paths, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+    def __init__(self, paths, B, T, rank=0, world_size=1, shuffle="false", seed=0):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.paths, self.B, self.T, self.rank, self.world_size = list(paths), B, T, rank, world_size
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed = {False: "false", True: "true"}.get(shuffle, shuffle), seed  # bools: older callers
         self.shards = [open_shard(p) for p in self.paths]  # memmaps: pages load on first touch
         self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)  # (n,)
         self.total = int(self.lengths.sum())
@@ -215,20 +272,30 @@ class ShardLoader:
     def order(self, epoch):
         """Shard indices in the order epoch `epoch` reads them."""
         n = len(self.shards)
-        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle != "false" else np.arange(n)
+
+    def sample_order(self, epoch, shard):
+        """--shuffle samples: the order epoch `epoch` reads shard `shard`'s whole T-token samples in."""
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.lengths[shard]) // self.T)
 
     def read(self, epoch, start, n):
         """n tokens of the stream from offset `start` of epoch `epoch`, wrapping into later epochs."""
         out = np.empty(n, dtype=np.uint16)  # (n,)
-        filled = 0
+        filled, samples = 0, {}
         while filled < n:
             epoch, start = epoch + start // self.total, start % self.total
             order = self.order(epoch)
             starts = np.concatenate([[0], np.cumsum(self.lengths[order])])  # (n_shards + 1,)
             k = int(np.searchsorted(starts, start, side="right")) - 1
-            offset = start - int(starts[k])
-            take = min(n - filled, int(self.lengths[order[k]]) - offset)
-            out[filled:filled + take] = self.shards[order[k]][offset:offset + take]
+            offset, shard = start - int(starts[k]), int(order[k])
+            take = min(n - filled, int(self.lengths[shard]) - offset)
+            if self.shuffle == "samples" and offset // self.T < int(self.lengths[shard]) // self.T:  # a whole sample
+                perm = samples.setdefault((epoch, shard), self.sample_order(epoch, shard))
+                take = min(take, self.T - offset % self.T)  # to the end of this sample
+                at = int(perm[offset // self.T]) * self.T + offset % self.T
+            else:
+                at = offset
+            out[filled:filled + take] = self.shards[shard][at:at + take]
             filled, start = filled + take, start + take
         return out
 
@@ -247,9 +314,11 @@ class ShardLoader:
                     num_shards=len(self.shards), total_tokens=self.total, shuffle=self.shuffle, seed=self.seed)
 
     def load_state_dict(self, sd):
-        """Resume from state_dict(); the same data and batch shape are required."""
-        for key in ("B", "T", "world_size", "num_shards", "total_tokens", "shuffle", "seed"):
+        """Resume from state_dict(): the same data, sequence length and order are required. The position is the
+        global stream's, so another batch size or world size reads on from the same token."""
+        sd = {**sd, "shuffle": {False: "false", True: "true"}.get(sd["shuffle"], sd["shuffle"])}  # older: bools
+        for key in ("T", "num_shards", "total_tokens", "shuffle", "seed"):
             if sd[key] != self.state_dict()[key]:
                 raise DataError(f"loader state has {key}={sd[key]} but this loader has {key}={self.state_dict()[key]}; "
-                                f"resume with the same data and batch shape")
+                                f"resume with the same data, sequence length and order")
         self.epoch, self.position = int(sd["epoch"]), int(sd["position"])

@@ -1,5 +1,6 @@
 """finetune_classify.py: parity with HF's GPT2ForSequenceClassification, a short real fine-tuning, errors."""
 import csv
+import hashlib
 import json
 import os
 import random
@@ -73,7 +74,9 @@ def test_hf_parity_load_and_save(tmp_path):
         torch.testing.assert_close(ours(idx, mask), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(idx[3:]), expected[3:], rtol=1e-5, atol=1e-5)  # no mask: all real
     ours.save_pretrained(str(tmp_path / "ours"))
-    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "merges.txt", "model.safetensors",
+                                                     "special_tokens_map.json", "tokenizer.json",
+                                                     "tokenizer_config.json", "vocab.json"]  # GPT-2's tokenizer too
     back, info = GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "ours"), output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert back.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and back.config.pad_token_id == 50256
@@ -210,11 +213,37 @@ def lm_run(p, ckpt):
     return str(p / "lm")
 
 
-def test_a_previous_classifier_out_dir_may_be_overwritten(tmp_path):
+def checksums(path):
+    return {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in sorted(os.listdir(path))}
+
+
+def test_a_finished_classifier_is_kept_unless_overwrite_true(tmp_path, capsys):
+    """Training into an out_dir that holds a classifier is refused in one line and leaves every byte of it; with
+    --overwrite true it is replaced. --predict still reads --out_dir, and a classifier run that saved no model yet
+    (metrics.jsonl only) or a new directory need no flag."""
     _, path = hf_classifier(tmp_path)
     write_jsonl(tmp_path / "hf_cls" / "metrics.jsonl", [{"epoch": 1, "step": 3, "val_acc": 0.5, "val_loss": 0.7,
                                                           "train_loss": 0.8}, {"step": 3, "test_acc": 0.5}])
-    for out_dir in (path, str(tmp_path / "new" / "out")):
+    before = checksums(tmp_path / "hf_cls")
+    assert {"config.json", "model.safetensors", "metrics.jsonl"} <= before.keys()
+    _, lm_dir = make_hf(tmp_path, vocab_size=50257)
+    args = ["--data", write_csv(tmp_path / "d.csv", synthetic(40)), "--init_from", lm_dir, "--out_dir", path,
+            "--trainable", "head", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
+    refused = (f"error: --out_dir {path}: holds a fine-tuned classifier ({path}/config.json); fine-tuning would "
+               f"replace it (pass --overwrite true, or pick another --out_dir)")
+    assert_one_error_line(capsys, args, refused)
+    assert checksums(tmp_path / "hf_cls") == before
+    main(args + ["--overwrite", "true"])
+    after = checksums(tmp_path / "hf_cls")
+    assert all(after[name] != before[name] for name in ("config.json", "model.safetensors", "metrics.jsonl"))
+    assert GPTClassifier.from_pretrained(path).id2label == ["food", "sports", "tech"]  # was neg/neu/pos
+    capsys.readouterr()
+    main(["--out_dir", path, "--predict", "this is a pizza", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] in KEYWORDS and len(lines) == 4 and checksums(tmp_path / "hf_cls") == after
+    (tmp_path / "crashed").mkdir()
+    write_jsonl(tmp_path / "crashed" / "metrics.jsonl", [{"epoch": 1, "step": 3, "val_acc": 0.5, "val_loss": 0.7}])
+    for out_dir in (str(tmp_path / "crashed"), str(tmp_path / "new" / "out")):
         assert check_train_out_dir(out_dir) == out_dir
 
 

@@ -50,7 +50,26 @@ def test_head_vocab_values_and_what_it_cannot_go_with():
                       (["--head_vocab", "train", "--init_from", "gpt2"], "would erase gpt2's"),
                       (["--preset", "finetune", "--head_vocab", "train"], "--head_vocab train ties the rows of the ids "
                        "the train shards lack into one, which would erase gpt2's: use it with --init_from scratch"),
-                      (["--head_vocab", "train", "--parallel", "fsdp"], "--head_vocab train: works with --parallel ddp")):
+                      (["--head_vocab", "train", "--parallel", "fsdp"],
+                       "--head_vocab train: works with --parallel ddp")):
         with pytest.raises(ConfigError, match=msg):
             validate(parse_args(argv + ["--device", "cpu"]), world_size=2)
     validate(parse_args(["--preset", "shakespeare", "--device", "cpu"]), world_size=1)
+
+
+def test_abbreviated_flags_are_refused_naming_the_full_flag():
+    """argparse would take --max_step 5 as --max_steps 5: a prefix is an unknown flag, and the error names the
+    flag (or flags) it begins; the full flag works as --max_steps 5 and --max_steps=5."""
+    from cli import ConfigError
+    from config import parse_args
+    assert parse_args(["--max_steps", "5"]).max_steps == parse_args(["--max_steps=5"]).max_steps == 5
+    for argv, msg in ((["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps?)"),
+                      (["--max_step=5"], "unrecognized arguments: --max_step=5 (did you mean --max_steps?)"),
+                      (["--n_", "3"], "unrecognized arguments: --n_ 3 (did you mean one of --n_embd, --n_head, "
+                                      "--n_layer?)"),
+                      (["--max_step", "5", "--n_lay", "2", "--bogus"], "unrecognized arguments: --max_step 5 --n_lay "
+                       "2 --bogus (--max_step: did you mean --max_steps?; --n_lay: did you mean --n_layer?)"),
+                      (["--bogus", "1"], "unrecognized arguments: --bogus 1")):
+        with pytest.raises(ConfigError) as e:
+            parse_args(argv)
+        assert str(e.value) == msg

@@ -102,8 +102,25 @@ def test_state_dict_round_trip(tmp_path):
     assert torch.equal(a.next_batch()[0], ShardLoader(paths, 2, 7, 1, 2, shuffle=True, seed=5).next_batch()[0])
     with pytest.raises(DataError, match="T=7"):
         ShardLoader(paths, B=2, T=8, rank=1, world_size=2, shuffle=True, seed=5).load_state_dict(sd)
-    with pytest.raises(DataError, match="world_size=2"):
-        ShardLoader(paths, B=2, T=7, shuffle=True, seed=5).load_state_dict(sd)
+    with pytest.raises(DataError, match="seed=5"):
+        ShardLoader(paths, B=2, T=7, rank=1, world_size=2, shuffle=True, seed=6).load_state_dict(sd)
+
+
+def test_the_stream_goes_on_from_the_same_token_on_another_world_size(tmp_path):
+    """The position is the global stream's: 2 ranks x B=2 read on from where 1 rank x B=4 stopped, the tokens that
+    one rank would have read next (rank r's slice is the r-th B*T of each window), across an epoch's end too."""
+    paths, _ = make_shards(tmp_path)
+    one = ShardLoader(paths, B=4, T=7, shuffle=True, seed=5)
+    for _ in range(3):
+        one.next_batch()
+    sd = json.loads(json.dumps(one.state_dict()))  # checkpointed on 1 process ...
+    two = [ShardLoader(paths, B=2, T=7, rank=r, world_size=2, shuffle=True, seed=5) for r in range(2)]
+    for loader in two:  # ... resumed on 2 ranks
+        loader.load_state_dict(sd)
+    for _ in range(40):
+        x1 = one.next_batch()[0]  # (4, 7)
+        assert torch.equal(x1, torch.cat([loader.next_batch()[0] for loader in two]))  # (2 x 2, 7)
+    assert one.state_dict()["epoch"] > 0
 
 
 def test_build_nanogpt_shards_load_unchanged(tmp_path):
@@ -188,7 +205,8 @@ def test_token_counts_add_up_over_shards_and_chunks(tmp_path):
     for chunk in (2, 10**7):  # bincount a chunk at a time: the same ids
         counts = token_counts(paths, 50304, chunk=chunk)
         assert counts.shape == (50304,) and counts.sum() == 12
-        assert {i: counts[i] for i in map(int, counts.nonzero()[0])} == {0: 1, 2: 1, 3: 2, 5: 1, 7: 2, 9: 3, 11: 1, 50256: 1}
+        assert {i: counts[i] for i in map(int, counts.nonzero()[0])} == \
+            {0: 1, 2: 1, 3: 2, 5: 1, 7: 2, 9: 3, 11: 1, 50256: 1}
     assert frequent_ids(counts).tolist() == [0, 2, 3, 5, 7, 9, 11, 50256]
     assert frequent_ids(counts, 3).tolist() == [3, 7, 9]  # counts 3, 2, 2
     assert frequent_ids(counts, 4).tolist() == [0, 3, 7, 9]  # of the ids seen once, the lowest
@@ -296,7 +314,7 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
 
     def docs():
         yield "val", np.full(5, EOT, np.uint16)
-        for i in range(40):
+        for _ in range(40):
             yield "train", np.full(7, EOT, np.uint16)
             with pytest.raises(DataError):  # the half-written set is out of sight: no train shards
                 shard_paths(out, "train")
@@ -315,6 +333,71 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, when):
         write_splits(docs(), out, "t", shard_size=10, progress=False)
     assert not os.path.exists(out)
     assert (len(moves) == 3) == (when == "moving")
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+from data.shards import write_splits
+
+def docs():
+    yield "val", np.full(5, 50256, np.uint16)
+    for _ in range(30):  # 21 train shards of 10 tokens, written into the partial folder
+        yield "train", np.full(7, 50256, np.uint16)
+    print("written", flush=True)
+    time.sleep(300)  # until killed
+
+write_splits(docs(), {out!r}, "killed", shard_size=10, progress=False)
+"""
+
+
+def test_a_killed_run_leaves_a_partial_folder_that_the_next_run_removes(tmp_path, capsys):
+    """SIGKILL runs no cleanup, so the partial folder stays; while its writer lives, other runs into the same
+    out_dir leave it alone (its flock); once the writer is dead, the next run removes it with a note naming it.
+    A *.partial-* folder holding anything but shards is not ours: kept."""
+    out, src = tmp_path / "out", tmp_path / "in.txt"
+    src.write_text("Some text to tokenize. " * 50)
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=ROOT, out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "written\n"
+        (partial,) = [out / n for n in os.listdir(out) if ".partial-" in n]
+        assert len(os.listdir(partial)) == 21
+        fineweb.prepare(str(out), input=str(src), prefix="live", num_threads=1, progress=False)
+        assert capsys.readouterr().err == "" and len(os.listdir(partial)) == 21  # a live run's folder: untouched
+    finally:
+        writer.kill()  # SIGKILL
+        writer.wait(timeout=60)
+    assert len(os.listdir(partial)) == 21
+    (out / "mine.partial-x").mkdir()
+    (out / "mine.partial-x" / "notes.txt").write_text("mine")
+    fineweb.prepare(str(out), input=str(src), prefix="next", num_threads=1, progress=False)
+    assert capsys.readouterr().err == f"note: removed 1 folder of shards left by a killed run: {partial}\n"
+    assert sorted(os.listdir(out)) == ["live_train_000001.npy", "live_val_000000.npy", "mine.partial-x",
+                                       "next_train_000001.npy", "next_val_000000.npy"]
+    assert (out / "mine.partial-x" / "notes.txt").read_text() == "mine"
+
+
+def test_fineweb_names_the_inputs_it_skips(tmp_path, capsys, monkeypatch):
+    """Entries of --input that are not .txt/.jsonl/.parquet files, and files without a document, each named."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "c.txt").write_text("not read: the folder is not read recursively")
+    for name, text in (("a.txt", "The one document with text in it. " * 20), ("b.csv", "text\nx\n"),
+                       (".hidden", "x"), ("empty.txt", ""), ("blank.txt", " \n\n"), ("rows.jsonl", "\n\n")):
+        (src / name).write_text(text)
+    counts = fineweb.prepare(str(tmp_path / "out"), input=str(src), num_threads=1, progress=False)
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: skipped 3 of 7 entries in {src}, which are not .txt/.jsonl/.parquet files: .hidden, b.csv, sub/",
+        f"note: skipped {src / 'blank.txt'}: no text in it (an empty file?)",
+        f"note: skipped {src / 'empty.txt'}: no text in it (an empty file?)",
+        f"note: skipped {src / 'rows.jsonl'}: no rows in it (an empty file?)"]
+    assert counts["val_docs"] == counts["train_docs"] == 1  # a.txt alone, cut at val_tokens
+    monkeypatch.setattr(fineweb, "SHOW_SKIPPED", 2)
+    assert fineweb.input_files(str(src)) == [str(src / n) for n in ("a.txt", "blank.txt", "empty.txt", "rows.jsonl")]
+    assert capsys.readouterr().err == f"note: skipped 3 of 7 entries in {src}, which are not .txt/.jsonl/.parquet " \
+                                      f"files: .hidden, b.csv and 1 more\n"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -396,3 +479,42 @@ def test_shakespeare_prepare(shakespeare_dir):
     assert _docs(val) == [plays[name] for name in shakespeare.VAL_PLAYS]  # whole plays, in order
     assert len(_docs(train)) == len(plays) - len(shakespeare.VAL_PLAYS)
     assert shakespeare.prepare(out) == out  # second call: already there, returns at once
+
+
+def test_shuffle_samples_reads_every_token_once_an_epoch_in_a_new_order(tmp_path):
+    """--shuffle samples: within each shard the T-token samples come in an order of their own for each epoch and
+    seed (a shard's shorter tail stays last); across 2 ranks every token of the epoch is read exactly once, and a
+    loader restored from a state dict reads on exactly."""
+    d = tmp_path / "s"
+    d.mkdir()
+    sizes = (7 * 10 + 3, 7 * 6)  # 10 samples of T=7 and a 3-token tail; 6 samples
+    tokens = np.arange(sum(sizes))  # each token its own id: where it came from is visible
+    write_shard(str(d / "x_train_000000.npy"), tokens[:sizes[0]])
+    write_shard(str(d / "x_train_000001.npy"), tokens[sizes[0]:])
+    paths = shard_paths(str(d), "train")
+    total = sum(sizes)
+    epochs = []
+    for seed in (1, 1, 2):
+        loader = ShardLoader(paths, B=1, T=7, shuffle="samples", seed=seed)
+        epochs.append([loader.read(e, 0, total) for e in range(3)])  # whole epochs of the stream
+    firsts = [7 * k for k in range(10)] + [73 + 7 * k for k in range(6)]  # each sample's first token
+    for epoch in epochs[0]:
+        assert sorted(epoch.tolist()) == tokens.tolist()  # every token once
+        at = {t: i for i, t in enumerate(epoch.tolist())}
+        assert all(epoch[at[f]:at[f] + 7].tolist() == list(range(f, f + 7)) for f in firsts)  # samples stay whole
+    tail = [e.tolist().index(70) for e in epochs[0]]  # the 3-token tail (ids 70..72) right after its shard's samples
+    assert all(epochs[0][e][i:i + 3].tolist() == [70, 71, 72] for e, i in enumerate(tail))
+    assert [e.tolist() for e in epochs[0]] == [e.tolist() for e in epochs[1]]  # the same seed: the same order
+    assert epochs[0][0].tolist() != epochs[0][1].tolist() and epochs[0][0].tolist() != epochs[2][0].tolist()
+    ranks = [ShardLoader(paths, B=2, T=7, rank=r, world_size=2, shuffle="samples", seed=1) for r in range(2)]
+    seen = [t for _ in range(total // 28) for loader in ranks for t in loader.next_batch()[0].flatten().tolist()]
+    assert len(seen) == len(set(seen))  # no token twice within the epoch across the ranks
+    a = ShardLoader(paths, B=2, T=7, shuffle="samples", seed=1)
+    for _ in range(5):
+        a.next_batch()
+    b = ShardLoader(paths, B=2, T=7, shuffle="samples", seed=1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(20):  # on into the next epochs
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    with pytest.raises(DataError, match="shuffle=samples"):
+        ShardLoader(paths, B=2, T=7, shuffle="true", seed=1).load_state_dict(a.state_dict())

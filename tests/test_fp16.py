@@ -39,7 +39,8 @@ def syn(data_dir, out_dir, *extra, dtype="float16"):
     """2 layers, 64 wide, vocab 256; 2 micro steps of 8 x 128 tokens per step (the scale applies per micro step).
     The loss path is fixed: runs compared bit for bit would each time their own pick (auto), which a busy machine
     can tip either way."""
-    return ["--loss", "fused", "--vocab_size", 256, "--n_layer", 2, "--n_head", 2, "--n_embd", 64, "--block_size", 128, "--seq_len", 128,
+    return ["--loss", "fused", "--vocab_size", 256, "--n_layer", 2, "--n_head", 2, "--n_embd", 64, "--block_size", 128,
+            "--seq_len", 128,
             "--batch_size", 8, "--total_batch_size", 2048, "--max_lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", 2,
             "--val_steps", 1, "--eval_interval", 100, "--compile", "false", "--device", "cpu", "--sample_interval", 0,
             "--hellaswag_interval", 0, "--dtype", dtype, "--data_dir", data_dir, "--out_dir", out_dir, *extra]
@@ -107,8 +108,8 @@ def test_float16_gradients_after_unscaling_match_float32(tmp_path, syn_dir, caps
 
 def test_overflow_step_is_skipped_logged_and_training_goes_on(tmp_path, syn_dir, capsys, monkeypatch):
     """A loss scale of 2^24 makes step 0's float16 gradients overflow (here they do from ~2^21 on): the scaler
-    skips it (the weights and AdamW's state stay as they were), halves the scale, the trainer prints and logs it and goes on;
-    the scale keeps halving until the gradients fit, and from then on the steps update the weights."""
+    skips it (the weights and AdamW's state stay as they were), halves the scale, the trainer prints and logs it
+    and goes on; the scale keeps halving until the gradients fit, and from then on the steps update the weights."""
     scaler_starting_at(monkeypatch, 2.0**24)
     snapshots, real_configure = [], train_gpt2.configure_optimizers
 
@@ -141,7 +142,7 @@ def test_overflow_step_is_skipped_logged_and_training_goes_on(tmp_path, syn_dir,
         if e.get("skipped"):
             scale /= 2
             assert unchanged and "norm" not in e, e
-            assert f"step {e['step']:5d} | fp16 overflow: step skipped, loss scale -> {scale:g}" in text
+            assert f"step {e['step']:5d} | fp16 overflow: update skipped, loss scale -> {scale:g}" in text
         else:
             assert not unchanged and np.isfinite(e["norm"]), e
         assert e["loss_scale"] == scale and np.isfinite(e["train_loss"]), (e, scale)
@@ -206,7 +207,8 @@ def test_fused_loss_gradients_are_exact_under_float16(monkeypatch):
     loss, grad_x, grad_w = grads(torch.float16)
     assert 5 < ref_loss.item() < 9 and grad_x.dtype == grad_w.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, rtol=TOL, atol=0)
-    assert rel_err(grad_x, ref_x) < TOL and rel_err(grad_w, ref_w) < TOL, (rel_err(grad_x, ref_x), rel_err(grad_w, ref_w))
+    assert rel_err(grad_x, ref_x) < TOL and rel_err(grad_w, ref_w) < TOL, \
+        (rel_err(grad_x, ref_x), rel_err(grad_w, ref_w))
     naive_x, naive_w = naive_float16_grads(x, w, targets, rows=333)
     assert rel_err(naive_x, ref_x) > 2 * TOL and rel_err(naive_w, ref_w) > 2 * TOL, \
         (rel_err(naive_x, ref_x), rel_err(naive_w, ref_w))
@@ -248,9 +250,11 @@ def test_float16_resume_is_exact_with_the_scalers_state(tmp_path, syn_dir, capsy
 def test_auto_picks_float16_on_a_cuda_gpu_without_bf16(monkeypatch, gpu, native_bf16, expected):
     """torch.cuda.is_bf16_supported() says True on a T4 unless asked about the hardware alone (it counts
     emulation): the stub answers as such a GPU would. CPU choices are unchanged (test_runtime checks them)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16)
     assert runtime.pick_dtype("auto", "cuda")[0] == runtime.pick_dtype("auto", "cuda:1")[0] == expected, gpu
-    assert runtime.pick_dtype("float16", "cuda")[0] == "float16" and runtime.pick_dtype("bfloat16", "cuda")[0] == "bfloat16"
+    assert (runtime.pick_dtype("float16", "cuda")[0] == "float16"
+            and runtime.pick_dtype("bfloat16", "cuda")[0] == "bfloat16")
 
 
 def test_float16_where_autocast_cannot_do_it_is_one_line(tmp_path, syn_dir, capsys, monkeypatch):

@@ -67,14 +67,14 @@ def syn_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, syn_dir):
-    """4 steps of the same global batch: one process (4 micro steps, 4 val batches), and 2 ranks under
-    --parallel fsdp (2 micro steps, 2 val batches each) through a helper that counts reduce-scatters.
+    """4 steps of the same global batch: one process (4 micro steps), and 2 ranks under --parallel fsdp (2 micro
+    steps each) through a helper that counts reduce-scatters; the same --val_steps 4, which the ranks share.
     Both write a checkpoint at the end (ckpt_000004). Returns (one out_dir, fsdp out_dir, stdouts)."""
     tmp = tmp_path_factory.mktemp("pair")
     common = SYN + ["--vocab_size", "256", "--data_dir", syn_dir, "--max_steps", "4", "--eval_interval", "2"]
     one, two = str(tmp / "one"), str(tmp / "two")
     outs = finish(start(common + ["--out_dir", one, "--val_steps", "4"]),
-                  start(common + ["--out_dir", two, "--val_steps", "2", "--parallel", "fsdp"],
+                  start(common + ["--out_dir", two, "--val_steps", "4", "--parallel", "fsdp"],
                         script="tests/helpers/count_reduce_scatter.py", nproc=2))
     return one, two, outs, common
 

@@ -81,8 +81,8 @@ def test_batched_scores_match_a_direct_computation(hf_dir, enc):
     model.eval()
     for k, expected in ((0, [n, agree, n]), (1, [agree, n, n])):
         examples = [{**ex, "label": p[k]} for ex, p in zip(HELLASWAG, picks)]
-        counts = hellaswag.evaluate(lambda idx: model(idx)[0], hellaswag.prepare(examples, enc), model.config.block_size,
-                                    "cpu", batch_size=3)
+        counts = hellaswag.evaluate(lambda idx: model(idx)[0], hellaswag.prepare(examples, enc),
+                                    model.config.block_size, "cpu", batch_size=3)
         assert counts.tolist() == expected
 
 
@@ -204,4 +204,5 @@ def test_cli_refuses_a_model_without_gpt2s_vocabulary(tmp_path, capsys):
     capsys.readouterr()  # transformers' warnings about the tiny vocab
     with pytest.raises(SystemExit) as e:
         hellaswag.main(["--model", small, "--jsonl", write_hellaswag(tmp_path / "hs.jsonl"), "--device", "cpu"])
-    assert e.value.code == 2 and capsys.readouterr().err == f"error: --model: {small} has 128 tokens, not GPT-2's 50257\n"
+    assert (e.value.code == 2
+            and capsys.readouterr().err == f"error: --model: {small} has 128 tokens, not GPT-2's 50257\n")

@@ -45,7 +45,8 @@ def test_tensorboard_gets_every_metrics_event_and_the_samples(tmp_path, shakespe
         for key, value in e.items():
             if key != "step":
                 expected.setdefault(key, []).append((e["step"], value))
-    assert {"train_loss", "lr", "norm", "tokens_per_sec", "val_loss", "hellaswag_acc", "hellaswag_acc_norm"} <= set(expected)
+    assert {"train_loss", "lr", "norm", "tokens_per_sec", "val_loss", "hellaswag_acc",
+            "hellaswag_acc_norm"} <= set(expected)
     assert sorted(ea.Tags()["scalars"]) == sorted(expected)
     for key, points in expected.items():
         got = [(e.step, e.value) for e in ea.Scalars(key)]

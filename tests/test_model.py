@@ -21,7 +21,8 @@ def test_state_dict_keys_are_hf_keys(tiny_hf):
     theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     assert list(ours.state_dict()) == list(theirs)
     for k, v in ours.state_dict().items():
-        expect = theirs[k].t().shape if k.endswith(".weight") and ("c_attn" in k or "c_proj" in k or "c_fc" in k) else theirs[k].shape
+        expect = (theirs[k].t().shape if k.endswith(".weight") and ("c_attn" in k or "c_proj" in k or "c_fc" in k)
+                  else theirs[k].shape)
         assert v.shape == expect, k
     assert ours.lm_head.weight is ours.transformer.wte.weight
 
@@ -112,9 +113,11 @@ def test_misused_inputs_are_clear_errors():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_k=0), "top_k must be >= 1"), (dict(top_k=-3), "top_k must be >= 1"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
-    (dict(temperature=-0.5), "temperature must be >= 0"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature"),
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
-    (dict(idx=torch.zeros(2, 0, dtype=torch.long)), "empty prompt"), (dict(idx=torch.zeros(0, dtype=torch.long)), "empty prompt"),
+    (dict(idx=torch.zeros(2, 0, dtype=torch.long)), "empty prompt"),
+    (dict(idx=torch.zeros(0, dtype=torch.long)), "empty prompt"),
 ])
 def test_bad_generation_arguments_are_clear_errors(kwargs, match):
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8))
@@ -163,7 +166,8 @@ def test_greedy_generation_matches_hf(tiny_hf):
     hf, path = tiny_hf
     model = GPT.from_pretrained(path).eval()
     prompt = torch.randint(0, 128, (2, 7))
-    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                      pad_token_id=0)
     assert torch.equal(model.generate(prompt, 30, temperature=0), ref)
 
 
@@ -293,7 +297,8 @@ def test_load_errors_list_the_bad_keys(tmp_path, tiny_hf):
 
 @pytest.mark.parametrize("change, match", [
     (lambda d: [d], "a JSON list"), (lambda d: {**d, "n_embd": 33}, "n_embd 33 is not divisible by n_head 2"),
-    (lambda d: {**d, "n_head": 0}, "n_head must be a positive integer, got 0"), (lambda d: {k: d[k] for k in d if k != "n_layer"}, "no 'n_layer'"),
+    (lambda d: {**d, "n_head": 0}, "n_head must be a positive integer, got 0"),
+    (lambda d: {k: d[k] for k in d if k != "n_layer"}, "no 'n_layer'"),
 ], ids=["list", "n_embd", "n_head", "missing"])
 def test_bad_config_json_is_a_clear_error_naming_the_file(tiny_hf, change, match):
     import json
@@ -332,8 +337,13 @@ def test_model_py_prints_the_storage_table():
         assert name in out
     assert "124.4M" in out and "1557.6M" in out  # gpt2 and gpt2-xl, tied head counted once
     xl = next(line.split() for line in out.splitlines() if line.startswith("gpt2-xl "))
-    assert out.splitlines()[0].split()[-3:] == ["state", "FSDP/GPU", "x8"]
-    assert xl[-2:] == ["23.21GiB", "2.90GiB"]  # DDP: the whole training state on each GPU; FSDP over 8: an eighth
+    assert out.splitlines()[0].split()[-6:] == ["state", "FSDP/GPU", "x8", "act/seq", "ckpt", "+fixed"]
+    assert xl[-5:-3] == ["23.21GiB", "2.90GiB"]  # DDP: the whole training state on each GPU; FSDP over 8: an eighth
+    from model import GPTConfig, activation_bytes
+    config = GPTConfig(n_layer=48, n_head=25, n_embd=1600)  # activations of one 1024-token sequence, and with
+    per_seq = [activation_bytes(config, 2, 1024, checkpointing=c) - activation_bytes(config, 1, 1024, checkpointing=c)
+               for c in (False, True)]  # checkpointing, as python model.py prints them
+    assert xl[-3:-1] == [f"{b / 2**30:.2f}GiB" for b in per_seq] and per_seq[1] < per_seq[0] / 4
 
 
 def test_targets_with_a_cache_is_a_clear_error():
@@ -387,3 +397,41 @@ def test_the_model_is_gpt2_and_nothing_else():
     own = {k for k in vars(model) if not k.startswith("_")} - {"training", "config"}
     assert own == set(), own
     assert [n for n, _ in model.named_buffers()] == []
+
+
+def saved_bytes(config, batch, seq_len, low_precision, checkpointing):
+    """What backward keeps of a training forward (loss.LMLoss, the fused loss), measured: the bytes of the tensors
+    autograd saves, weights excluded, each storage once."""
+    from loss import LMLoss
+    from runtime import checkpoint_activations
+    model = GPT(config)
+    if checkpointing:
+        checkpoint_activations(model)
+    seen, total = {p.untyped_storage().data_ptr() for p in model.parameters()}, [0]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total[0] += t.untyped_storage().nbytes()
+        return t
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+        LMLoss(model)(idx, idx)
+    return total[0]
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_activation_estimate_is_what_backward_keeps(low_precision, checkpointing):
+    """model.activation_bytes (python model.py's act/seq, the out-of-memory advice) against the saved tensors'
+    bytes at shapes whose head dimension CPU attention kernels take (a checkpointed block's recompute is held one
+    block at a time, which the estimate adds and this measurement, taken in forward, does not see)."""
+    from model import activation_bytes
+    for C, H, L in ((128, 2, 2), (256, 4, 3)):
+        config = GPTConfig(block_size=64, vocab_size=512, n_layer=L, n_head=H, n_embd=C)
+        estimate = activation_bytes(config, 2, 64, low_precision, checkpointing)
+        if checkpointing:
+            estimate -= 2 * 64 * ((36 if low_precision else 64) * C + 4 * H)  # the one block recomputed in backward,
+            estimate -= 12 * C * C * 2 if low_precision else 0  # with autocast's copies of its weights
+        assert saved_bytes(config, 2, 64, low_precision, checkpointing) == pytest.approx(estimate, rel=0.03), (C, H, L)

@@ -110,7 +110,8 @@ def test_cli_reads_each_file_once_and_plot_runs_takes_loaded_runs(tmp_path, monk
 def test_usage_error_is_one_line(tmp_path):
     for args in ([], [str(tmp_path), "--bogus"]):
         r = subprocess.run([sys.executable, "plot.py"] + args, cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, \
+            r.stderr
 
 
 @pytest.mark.parametrize("out, written, magic", [("loss", "loss.png", b"\x89PNG"), ("a.png", "a.png", b"\x89PNG"),
@@ -154,3 +155,22 @@ def test_missing_run_exits_2_with_one_line(tmp_path):
         r = subprocess.run([sys.executable, "plot.py", str(run)], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith(f"error: {run}") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "the file is empty"), (b"\n  \n\n", "the file is empty"),
+    (b'{"step": 0, "config": {"lr": 0.1}}\n', "1 event, none with train_loss, val_loss or hellaswag_acc_norm"),
+    (b'{"step": 0, "lr": 0.001}\n\n{"step": 1, "note": "x"}\n', "2 events, none with train_loss, val_loss or "
+                                                               "hellaswag_acc_norm")])
+def test_nothing_to_plot_is_one_line_and_writes_no_figure(tmp_path, content, why):
+    """A run that has logged nothing plottable yet: exit 2, one line naming the file, no loss.png."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_bytes(content)
+    r = subprocess.run([sys.executable, "plot.py", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path / 'run' / 'metrics.jsonl'}: nothing to plot ({why})\n"
+    assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]
+    write_metrics(tmp_path / "good" / "metrics.jsonl", EVENTS)  # next to a good run, too: nothing written
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "good"), str(tmp_path / "run"), "--out", str(tmp_path / "both.png")])
+    assert e.value.code == 2 and sorted(os.listdir(tmp_path)) == ["good", "run"]

@@ -36,7 +36,8 @@ def test_pick_dtype_auto_on_cpu_is_a_rule_over_what_torch_reports(monkeypatch, b
 
 def test_pick_dtype_on_cuda_or_given_a_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # sm_80 or newer
-    assert runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1") == ("bfloat16", "native on this GPU")
+    assert (runtime.pick_dtype("auto", "cuda") == runtime.pick_dtype("auto", "cuda:1")
+            == ("bfloat16", "native on this GPU"))
     assert runtime.pick_dtype("auto", "mps")[0] == "float32"
     for dtype in ("float32", "bfloat16", "float16"):
         for device in ("cpu", "cuda", "mps"):
@@ -128,7 +129,8 @@ def test_flops_per_token_in_nanogpts_and_llmcs_conventions():
     assert runtime.flops_per_token(config, 16) == 6 * (total - 16 * 8) + 12 * 1 * 2 * 4 * 16  # nanoGPT's
     assert runtime.flops_per_token(config, 16, "llmc") == 6 * total + 6 * 1 * 8 * 16  # llm.c's
     gpt2 = GPTConfig(vocab_size=50304)  # 124M as trained: llm.c's count is 0.939 of nanoGPT's
-    assert runtime.flops_per_token(gpt2, 1024, "llmc") / runtime.flops_per_token(gpt2, 1024) == pytest.approx(0.939, abs=1e-3)
+    assert (runtime.flops_per_token(gpt2, 1024, "llmc") / runtime.flops_per_token(gpt2, 1024)
+            == pytest.approx(0.939, abs=1e-3))
 
 
 @pytest.mark.parametrize("name, flops", [  # names as torch.cuda.get_device_name() gives them
@@ -138,7 +140,8 @@ def test_flops_per_token_in_nanogpts_and_llmcs_conventions():
     ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362.05e12),
     ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
     # cards not in the table, some named like one that is: no figure rather than a wrong one
-    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 3090 Ti", None), ("NVIDIA GeForce RTX 4090 D", None),
+    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 3090 Ti", None),
+    ("NVIDIA GeForce RTX 4090 D", None),
     ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("NVIDIA GH200 480GB", None), ("NVIDIA H800", None),
     ("NVIDIA GeForce GTX 1080", None),
 ])
@@ -151,3 +154,40 @@ def test_every_gpu_in_the_table_gets_its_own_figure():
         assert runtime.gpu_peak_flops(f"NVIDIA {model}") == flops, model
 
 
+
+
+def test_memory_advice_names_what_fits():
+    """The out-of-memory line's advice (runtime.memory_advice, from model.activation_bytes): a smaller batch that
+    divides the step first, then activation checkpointing, then FSDP on several GPUs."""
+    from config import PRESETS, TrainConfig
+    t = TrainConfig(**PRESETS["gpt2-xl"])
+    xl = GPTConfig(n_layer=t.n_layer, n_head=t.n_head, n_embd=t.n_embd, vocab_size=t.vocab_size)
+    gb = 2**30
+    assert runtime.memory_advice(xl, 8, 1024, 524288, 1, 40 * gb) == "--batch_size 2"
+    assert runtime.memory_advice(xl, 8, 1024, 524288, 8, 24 * gb) == "--batch_size 4 --parallel fsdp"
+    assert runtime.memory_advice(xl, 8, 1024, 524288, 1, 24 * gb) is None  # the train state alone is 23 GiB
+    small = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    assert runtime.memory_advice(small, 64, 1024, 524288, 1, 24 * gb) == "--batch_size 32"
+    assert runtime.memory_advice(small, 64, 1024, 524288, 1, 6 * gb) == "--batch_size 8"
+    assert runtime.memory_advice(small, 8, 1024, 524288, 1, 3 * gb) == "--batch_size 4 --activation_checkpointing true"
+
+
+def test_apple_mps_is_picked_after_cuda_and_its_choices_are_the_safe_ones(monkeypatch):
+    """No Mac here: a stubbed backend. --device auto takes cuda, then mps, then cpu; on mps dtype auto is float32
+    (no autocast), the loss fused (the logits would be the largest tensor), deterministic algorithms off, and
+    AdamW the foreach one (fused AdamW is CPU and CUDA's here)."""
+    from optim import configure_optimizers
+    fake_machine(monkeypatch, cuda=0, mps=True)
+    assert runtime.resolve_device("auto") == "mps"
+    assert runtime.pick_dtype("auto", "mps") == ("float32", "on mps")
+    assert runtime.pick_loss("auto", "mps", compile=True)[0] == "fused"
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert runtime.set_deterministic("auto", "mps") == (False, "mps")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert not runtime.make_autocast("float32", "mps")._enabled
+    opt = configure_optimizers(torch.nn.Linear(2, 2), 0.1, 1e-3, device_type="mps")
+    assert not opt.defaults["fused"]
+    fake_machine(monkeypatch, cuda=1, mps=True)
+    assert runtime.resolve_device("auto") == "cuda"

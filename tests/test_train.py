@@ -51,7 +51,8 @@ def test_help_lists_every_field_with_its_default():
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "--preset: unknown preset 'nope'"),
     (["--max_lr", "-1"], "--max_lr: must not be negative"),
-    (["--total_batch_size", "1000", "--batch_size", "4", "--seq_len", "64"], "not divisible by batch_size*seq_len*world_size"),
+    (["--total_batch_size", "1000", "--batch_size", "4", "--seq_len", "64"],
+     "not divisible by batch_size*seq_len*world_size"),
     (["--compile", "maybe"], "expected true or false"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--dtype", "fp8"], "--dtype: expected auto, bfloat16, float16 or float32, got 'fp8'"),
@@ -101,8 +102,8 @@ def test_short_shakespeare_training_lowers_val_loss(tmp_path, shakespeare_dir):
     assert val[0][1] > 10.5 and val[-1][1] < val[0][1] - 2.0, val  # from ln(50304) clearly down
     train = metrics(out, "train_loss")
     assert [s for s, _ in train] == list(range(30))
-    assert next(l for l in r.stdout.splitlines() if l.startswith("done: steps 0-29 in ")).count("tok/s") == 1
-    line = next(l for l in r.stdout.splitlines() if l.startswith("step    29 | loss"))
+    assert next(ln for ln in r.stdout.splitlines() if ln.startswith("done: steps 0-29 in ")).count("tok/s") == 1
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("step    29 | loss"))
     for field in ("lr", "norm", "ms", "tok/s", "eta"):
         assert field in line
     # the final model loads in our GPT and in Hugging Face, with the 50257 real tokens
@@ -179,18 +180,18 @@ def test_torchrun_with_one_rank_destroys_its_process_group(tmp_path, shakespeare
 def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
     """Same global batch of 8 sequences: 1 process x 4 micro steps of 2 == 2 gloo ranks x 2 micro steps of 2
     (grad accum = 512 / (2 * 64 * world)). Train loss, the pre-clip grad norm (which AdamW would hide a wrong
-    gradient scale behind, e.g. averaging over ranks twice) and val loss all match. Each rank evaluates
-    --val_steps batches of its own (the ranks take turns reading one stream) and the logged val loss is
-    their mean, so 2 ranks x 4 val batches == 1 process x 8."""
+    gradient scale behind, e.g. averaging over ranks twice) and val loss all match. --val_steps counts batches of
+    the whole job, which the ranks share (they take turns reading one stream): the same flag gives the same val
+    loss on 1 and 2 ranks."""
     common = TINY + ["--data_dir", shakespeare_dir, "--max_steps", "6", "--eval_interval", "3",
                      "--compile", "false", "--device", "cpu", "--batch_size", "2",
                      "--hellaswag_interval", "3", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
-    single = run(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "8"], timeout=300)
+    single = run(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "7"], timeout=300)
     assert single.returncode == 0, single.stderr
     assert "grad accum 4 |" in single.stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two"), "--val_steps", "4"],
+                          "train_gpt2.py", *common, "--out_dir", str(tmp_path / "two"), "--val_steps", "7"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "grad accum 2 |" in ddp.stdout
@@ -390,11 +391,15 @@ def test_resume_keeps_the_runs_dtype_and_loss_path(tmp_path, shakespeare_dir, ca
     import train_gpt2
     out = tmp_path / "out"
     args = [a for a in tiny(shakespeare_dir, out) if a not in ("--dtype", "float32", "--loss", "fused")]
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: ("float32", "rule") if dtype == "auto" else (dtype, "given"))
-    monkeypatch.setattr(train_gpt2, "pick_loss", lambda loss, device, compile: ("plain", "rule") if loss == "auto" else (loss, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_dtype",
+                        lambda dtype, device: ("float32", "rule") if dtype == "auto" else (dtype, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_loss",
+                        lambda loss, device, compile: ("plain", "rule") if loss == "auto" else (loss, "given"))
     assert train_main(args + ["--max_steps", 4, "--run_steps", 2], capsys)[0] == 0
-    monkeypatch.setattr(train_gpt2, "pick_dtype", lambda dtype, device: ("bfloat16", "rule") if dtype == "auto" else (dtype, "given"))
-    monkeypatch.setattr(train_gpt2, "pick_loss", lambda loss, device, compile: ("fused", "rule") if loss == "auto" else (loss, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_dtype",
+                        lambda dtype, device: ("bfloat16", "rule") if dtype == "auto" else (dtype, "given"))
+    monkeypatch.setattr(train_gpt2, "pick_loss",
+                        lambda loss, device, compile: ("fused", "rule") if loss == "auto" else (loss, "given"))
     code, text, err = train_main(["--resume", str(out / "ckpt_000002"), "--run_steps", 1], capsys)
     assert code == 0 and "dtype float32 (the run's)" in text and "loss plain (the run's)" in text, err
     meta = json.loads((out / "ckpt_000003" / "trainer.json").read_text())
@@ -440,7 +445,9 @@ def test_compile_that_cannot_work_stops_in_one_line(tmp_path, shakespeare_dir):
     assert "--compile true: torch.compile does not work here" in r.stderr and "--compile false" in r.stderr
 
 
-def test_ctrl_c_names_the_newest_checkpoint_and_the_resume_command(tmp_path, shakespeare_dir):
+def test_ctrl_c_stops_with_a_checkpoint_and_names_the_resume_command(tmp_path, shakespeare_dir):
+    """Ctrl-C mid-run: the step finishes, a checkpoint is written, and the line names it and the command that
+    continues (tests/test_repeat.py resumes with that command and compares every number)."""
     import signal
     import time
     out = tmp_path / "out"
@@ -451,11 +458,12 @@ def test_ctrl_c_names_the_newest_checkpoint_and_the_resume_command(tmp_path, sha
     while not (out / "ckpt_000002").exists() and time.time() < deadline:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted") and "--resume auto" in line and str(out) in line, err
-    assert "Traceback" not in err
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith("stopped at step") and f"continue with: python train_gpt2.py --resume {out}/ckpt_" in line
+    ckpt = line.split("--resume ")[1]
+    assert os.path.isdir(ckpt) and int(ckpt[-6:]) >= 2, line
 
 
 def test_torchrun_compile_with_chunked_loss_many_buckets_and_every_eval(tmp_path, shakespeare_dir):
@@ -492,13 +500,12 @@ def test_compile_is_static(tmp_path, shakespeare_dir, capsys, monkeypatch):
     assert calls == [{"dynamic": False}] * 2
 
 
-def test_resume_command_repeats_the_flags_without_resume_or_overwrite():
+def test_resume_command_names_the_checkpoint_alone():
+    """A checkpoint holds its run's settings: --resume PATH is the whole command (torchrun on several ranks)."""
     from checkpoint import resume_command
-    assert resume_command(["--preset", "shakespeare", "--resume", "out/ckpt_000001", "--max_lr=1e-3", "--overwrite",
-                           "true"], "out") == \
-        "python train_gpt2.py --preset shakespeare --max_lr=1e-3 --out_dir out --resume auto"
-    assert resume_command(["--resume=auto", "--out_dir", "my run"], "my run") == \
-        "python train_gpt2.py --out_dir 'my run' --resume auto"
+    assert resume_command("out/ckpt_000001") == "python train_gpt2.py --resume out/ckpt_000001"
+    assert resume_command("my run/ckpt_000100", 8) == \
+        "torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume 'my run/ckpt_000100'"
 
 
 # ----- numerics: compiled == eager, K micro steps == one K-times-larger batch, DDP == one process, RNG restore -----
