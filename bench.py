@@ -176,8 +176,9 @@ def same_weights_hf(ours, **kwargs):
 
 
 def train_rows(args, device, config, x, y):
-    """bench_train's rows: {name: (module with parameters, the callable that trains, loss of (callable))}, with
-    the loss path the trainer picks, the other one, and whether deterministic algorithms are on as trained."""
+    """bench_train's rows: {name: (module with parameters, the callable that trains, loss of (callable)[, whether
+    deterministic algorithms are on, if not as trained])}, with the loss path the trainer picks, the other one, and
+    whether deterministic algorithms are on as trained."""
     ours = GPT(config)
     hf = same_weights_hf(ours, attn_implementation="sdpa", use_cache=False).to(device).train()
     ours_eager = ours.to(device).train()
@@ -193,12 +194,6 @@ def train_rows(args, device, config, x, y):
     checkpoint_activations(checkpointed.model)
     det = set_deterministic("auto", device)[0]  # as the trainer runs (on CPU: on), for every row but one
 
-    def other_determinism(m):  # the row as trained, compiled and run with deterministic algorithms the other way
-        torch.use_deterministic_algorithms(not det, warn_only=True)
-        try:
-            return m(x, y)
-        finally:
-            torch.use_deterministic_algorithms(det, warn_only=True)
     compile = torch.compile if args.compile else lambda m, **kw: m  # --compile false: eager, a quick check
     models = {  # name: (module with parameters, the callable that trains, loss of (model, x, y))
         "ours (as trained: compiled)": (trained, compile(trained, dynamic=False), lambda m: m(x, y)),
@@ -206,7 +201,7 @@ def train_rows(args, device, config, x, y):
         "ours compiled, activation checkpointing": (checkpointed, compile(checkpointed, dynamic=False),
                                                     lambda m: m(x, y)),
         f"ours compiled, deterministic {'off' if det else 'on'}": (flipped, compile(flipped, dynamic=False),
-                                                                  other_determinism),
+                                                                  lambda m: m(x, y), not det),  # the other way
         "ours eager": (eager, eager, lambda m: m(x, y)),
         "ours eager, unfused loss": (ours_eager, ours_eager, lambda m: m(x, y)[1]),  # full logits, F.cross_entropy
         "HF sdpa eager": (hf, hf, lambda m: m(input_ids=x, labels=y).loss),
@@ -225,11 +220,12 @@ def bench_train(args, device, dtype):
     autocast = make_autocast(dtype, device)
     models, loss_path, other, det = train_rows(args, device, config, x, y)
 
-    def make_step(module, fn, loss_of):
+    def make_step(module, fn, loss_of, deterministic=det):
         # the same AdamW for both: decay on matrices, fused where torch has a fused kernel
         opt = configure_optimizers(module, 0.1, 1e-4, device_type=device_type)
 
-        def step():
+        def step():  # forward, backward and update under the row's deterministic setting (compile records it)
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
             opt.zero_grad(set_to_none=True)
             try:
                 with autocast:
@@ -238,6 +234,8 @@ def bench_train(args, device, dtype):
             except torch.cuda.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)  # the row is dropped: free its gradients for the others
                 raise
+            finally:
+                torch.use_deterministic_algorithms(det, warn_only=True)
             opt.step()
         return step
     steps = {name: make_step(*m) for name, m in models.items()}
