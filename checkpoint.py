@@ -358,18 +358,21 @@ def start_run(cfg, d):
     return lock, ckpt, recorded(ckpt)[1] if ckpt else {}
 
 
-def resume_command(ckpt, world_size=1):
-    """The command that continues a run from checkpoint ckpt: the checkpoint holds the run's settings."""
-    launch = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+def resume_command(ckpt, world_size=1, local_world_size=None):
+    """The command that continues a run from checkpoint ckpt: the checkpoint holds the run's settings. On several
+    nodes, the job's own launch line (torchrun's flags are not ours to know)."""
+    local = local_world_size or world_size
+    launch = ("python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+              if local == world_size else "torchrun <your launch flags>")
     return f"{launch} train_gpt2.py --resume {shlex.quote(ckpt)}"
 
 
-def interrupted_line(argv, cfg):
+def interrupted_line(argv, cfg, world_size=1):
     """What a second Ctrl-C prints: the newest checkpoint and the command that continues from it, or, before the
     first one, the command that starts over. `cfg` is None when the flags were not parsed yet."""
     newest = list_checkpoints(cfg.out_dir)[-1:] if cfg else []
     if newest:
-        return f"interrupted; newest checkpoint {newest[0]}; continue with: {resume_command(newest[0])}"
+        return f"interrupted; newest checkpoint {newest[0]}; continue with: {resume_command(newest[0], world_size)}"
     if cfg is None:
         return "interrupted"
     keep = [a for i, a in enumerate(argv)

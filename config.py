@@ -237,7 +237,8 @@ def validate(cfg, world_size):
         newest = list_checkpoints(cfg.resume)  # a run's out_dir given for one of its checkpoints?
         hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
         raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
-    need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in GPT2_SHAPES,
+    need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in GPT2_SHAPES or
+         resume_target(cfg),  # a resume takes the weights from its checkpoint
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
 
 

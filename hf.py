@@ -1,6 +1,6 @@
 """Hugging Face interop: GPT-2's config.json and state dict to ours and back, and reading and writing model
-directories. Pure functions over dicts, so the parity tests need no download; model.py's from_pretrained and
-save_pretrained wrap them.
+directories. The conversions are pure functions over dicts, so the parity tests need no download; model.py's
+from_pretrained and save_pretrained wrap them.
 
 A directory written for a model with GPT-2's vocabulary also holds GPT-2's tokenizer files, converted from
 tiktoken's encoding without the hub, so AutoTokenizer and pipeline("text-generation") work on it as they are.

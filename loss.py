@@ -85,13 +85,14 @@ def linear_cross_entropy(x, weight, targets, fused=True, bias=None, chunk=LOGITS
 
 class HeadVocab:
     """--head_vocab train: the head's softmax over the K ids that occur in the train shards, plus one column for
-    the R others, at the cost of K + 1 columns instead of vocab_size (Shakespeare: 19,085 of 50,304).
+    the R others, at the cost of K + 1 columns instead of vocab_size (Shakespeare: 19,084 ids + 1 of 50,304).
 
     The R other ids never occur in training, as inputs or targets. Their rows start equal (the first of them,
     "the rest row", is copied onto the others) and stay equal, so their R logits are one value z, and the full
     softmax's sum over them is R e^z: one column, the rest row, with a bias of log R. The loss and gradients
-    are then the full head's, the rest row's summed over its R copies, and AdamW gives every copy the same
-    update (up to its eps): a hook on the optimizer copies the rest row back after each step. No id of the train
+    are then the full head's, the rest row's being R times each copy's; Adam's update does not change with the
+    gradient's scale (up to its eps), so the rest row moves as each copy would, and a hook on the optimizer copies
+    it back onto them after each step. No id of the train
     shards shares a row, and evaluation, generation and export use the full head: the model stays GPT-2.
 
     Make it with HeadVocab.of(ids, weight, optimizer): None when fewer than 2 ids are left out.
@@ -126,8 +127,9 @@ class HeadVocab:
 
 
 class LMLoss(nn.Module):
-    """GPT as the trainer runs it: forward(idx, targets) is the mean loss that model(idx, targets) gives, without
-    the full logits when fused, and on a HeadVocab's columns in training mode when it has one.
+    """GPT as the trainer runs it: forward(idx, targets), both (B, T) int64, is the mean loss that model(idx,
+    targets) gives, without the full logits when fused, and on a HeadVocab's columns in training mode when it has
+    one. (No id checks: the trainer's shards were checked when the run started.)
 
     logits(idx) and generate(...) reach the model through this module: FSDP shards it as one unit (its root),
     and gathers the weights for its registered methods too (runtime.wrap_model)."""

@@ -113,7 +113,7 @@ class Transformer(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)
-        if cache is not None:
+        if cache is not None:  # every layer wrote at cache.length: advance it once for all of them
             cache.length += T
         return self.ln_f(x)
 
@@ -154,7 +154,7 @@ class GPT(nn.Module):
             if targets.shape != idx.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} and idx {tuple(idx.shape)} must have the same shape")
         x = self.transformer(idx.reshape(-1, idx.size(-1)), cache)  # (B, T, C)
-        logits = self.lm_head(x[:, -1:] if cache is not None else x)  # (B, T, vocab)
+        logits = self.lm_head(x[:, -1:] if cache is not None else x)  # (B, T, vocab), or (B, 1, vocab) with a cache
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-100)
@@ -237,8 +237,8 @@ def param_counts(config):
 
 def activation_bytes(config, batch, seq_len, low_precision=True, checkpointing=False):
     """What backward keeps of one micro batch's forward (batch x seq_len tokens), in bytes, as measured with
-    torch.autograd's saved-tensor hooks (tests/test_model.py): per token and layer 64 * C + 4 * n_head in float32,
-    36 * C under bf16 or float16 autocast, plus its cast copies of the weights (2 bytes each); with activation
+    torch.autograd's saved-tensor hooks (tests/test_model.py): per token and layer (64 * C in float32 or 36 * C under
+    bf16 or float16 autocast) + 4 * n_head, plus autocast's copies of the weights (2 bytes each); with activation
     checkpointing only each block's input (4 * C) and one block recomputed at a time, with its weight copies.
     Beside the blocks: about 8 * C a token and the fused loss's float32 gradient of the head (4 * V * C)."""
     C, L, H, V, N = config.n_embd, config.n_layer, config.n_head, config.vocab_size, batch * seq_len

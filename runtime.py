@@ -366,14 +366,16 @@ def flops_per_token(config, seq_len, convention="nanogpt"):
     return 6 * (total - config.block_size * config.n_embd) + 12 * config.n_layer * config.n_embd * seq_len
 
 
-def memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp", skip=None):
+def memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp", skip=None,
+                checkpointing=False):
     """The first (batch_size, activation checkpointing, fsdp) that model.py's memory estimate says fits a GPU of
     gpu_bytes (8/10 of it, for what the estimate leaves out: the allocator's slack, backward's transient buffers):
     the largest batch size up to batch_size that divides the step, then with activation checkpointing, then with
-    --parallel fsdp on several ranks. skip: a choice known not to fit. None if nothing does."""
+    --parallel fsdp on several ranks. skip: a choice known not to fit; checkpointing: already on (a plan without it
+    would need more). None if nothing does."""
     state = 16 * param_counts(config)["total"]  # fp32 weights, grads, AdamW's m and v
     for fsdp in (parallel == "fsdp", True) if world_size > 1 else (False,):
-        for ckpt in (False, True):
+        for ckpt in (True,) if checkpointing else (False, True):
             for b in range(batch_size, 0, -1):
                 need = state / (world_size if fsdp else 1) + activation_bytes(config, b, seq_len, checkpointing=ckpt)
                 if total_batch_size % (b * seq_len * world_size) == 0 and (b, ckpt, fsdp) != skip and \
@@ -382,10 +384,12 @@ def memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_b
     return None
 
 
-def memory_advice(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp"):
-    """The flags to use instead of an out-of-memory --batch_size, by memory_plan, or None."""
+def memory_advice(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel="ddp",
+                  checkpointing=False):
+    """The flags to use instead of an out-of-memory --batch_size (and --activation_checkpointing, --parallel), by
+    memory_plan, or None."""
     plan = memory_plan(config, batch_size, seq_len, total_batch_size, world_size, gpu_bytes, parallel,
-                       skip=(batch_size, False, parallel == "fsdp"))
+                       skip=(batch_size, checkpointing, parallel == "fsdp"), checkpointing=checkpointing)
     if plan is None:
         return None
     b, ckpt, fsdp = plan

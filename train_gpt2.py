@@ -39,7 +39,7 @@ from checkpoint import (
     start_run,
 )
 from cli import ConfigError, run_main
-from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, restore, validate
+from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, restore, resume_target, validate
 from data import DataError, hellaswag
 from data.shards import ShardLoader, shard_paths, shard_problem, token_counts
 from data.tokenizer import get_encoding
@@ -50,6 +50,7 @@ from optim import SpikeGuard, configure_optimizers, get_lr, step_unless
 from runtime import (
     Stopper,
     check_compile,
+    check_float16,
     compiled_graphs,
     flops_per_token,
     gpu_peak_flops,
@@ -108,8 +109,14 @@ class Run:
                 "run": {"dtype": self.dtype, "loss": self.loss, "max_steps": self.max_steps}}
 
 
-def build_model(cfg):
-    """A fresh GPT of the configured shape, or pretrained weights (init_from)."""
+def build_model(cfg, ckpt=None):
+    """A fresh GPT of the configured shape, or pretrained weights (init_from). Resuming from ckpt: a GPT of the
+    checkpoint's shape, whose weights load_checkpoint fills (so --init_from's weights need not be at hand again)."""
+    if ckpt:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            shape = hf.config_from_hf(json.load(f))  # its vocabulary cropped to GPT-2's; a scratch run pads it
+        vocab = cfg.vocab_size if cfg.init_from == "scratch" else shape["vocab_size"]
+        return GPT(GPTConfig(**{**shape, "vocab_size": vocab, "dropout": cfg.dropout}))
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, init_std=cfg.init_std))
@@ -132,7 +139,7 @@ def check_inputs(cfg, d):
     train_paths, val_paths = find_shards(cfg, "train", d), find_shards(cfg, "val", d)
     hs_examples = d.rank0_first(lambda: hellaswag.load_examples(cfg.hellaswag_path or hellaswag.download())) \
         if cfg.hellaswag_interval else []  # rank 0 downloads, the others wait for the file
-    model = build_model(cfg).to(d.device)
+    model = build_model(cfg, resume_target(cfg)).to(d.device)
     vocab, block = model.config.vocab_size, model.config.block_size  # pretrained weights bring their own
     if cfg.seq_len > block:
         raise ConfigError(f"--seq_len {cfg.seq_len} is longer than the model's context "
@@ -181,6 +188,10 @@ def setup(cfg):
     """Check the inputs, claim out_dir, build the model, optimizer and loaders, and restore a checkpoint."""
     t_start, d = time.time(), setup_dist(cfg.device)
     cfg, notes = restore(cfg)  # --resume: the checkpoint's TrainConfig, with the flags given winning
+    if cfg.resume and cfg.parallel == "fsdp" and d.world_size == 1 and "parallel" not in getattr(cfg, "given", ()):
+        # one process holds the whole model: nothing to shard
+        cfg.parallel = "ddp"
+        notes.append("the run's --parallel fsdp continues unsharded in one process")
     validate(cfg, d.world_size)
     check_loggers(cfg)  # a missing package stops the run now, before data and model load
     deterministic = set_deterministic(cfg.deterministic, d.device)
@@ -196,6 +207,8 @@ def setup(cfg):
     if cfg.compile:
         check_compile(d.device)
     dtype, loss, why = decide(cfg, d, recorded)
+    if dtype == "float16" and cfg.dtype != "float16":
+        check_float16(d.device)  # auto chose it, here or where the run started
     tracked = {**asdict(cfg), "dtype": dtype, "loss": loss}  # the settings as trained, for wandb's config
     loggers = open_loggers(cfg, tracked, resumed=ckpt is not None) if d.master else []
     B, T, W = cfg.batch_size, cfg.seq_len, d.world_size
@@ -219,19 +232,21 @@ def setup(cfg):
         d.print0(f"MFU: unknown GPU ({name})")
     max_steps = (recorded.get("max_steps", cfg.max_steps) if "max_steps" not in getattr(cfg, "given", ())
                  else cfg.max_steps)
-    run = Run(cfg, d, dtype, loss, max_steps, model, wrapped, optimizer,
-              make_scaler(dtype, d.device), make_autocast(dtype, d.device),
-              ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed),
-              ShardLoader(val_paths, B, T, d.rank, W), hellaswag.prepare(hs_examples, get_encoding()),
-              MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master, loggers),
-              cfg.total_batch_size // (B * T * W), flops_per_token(c, T), gpu_peak_flops(name) if name else None,
-              t_start, graphs_before=graphs_before, guard=SpikeGuard(cfg.spike_z, device=d.device), lock=lock)
+    run = Run(cfg=cfg, d=d, dtype=dtype, loss=loss, max_steps=max_steps, model=model, wrapped=wrapped,
+              optimizer=optimizer, scaler=make_scaler(dtype, d.device), autocast=make_autocast(dtype, d.device),
+              train_loader=ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed),
+              val_loader=ShardLoader(val_paths, B, T, d.rank, W),
+              hs_items=hellaswag.prepare(hs_examples, get_encoding()),
+              log=MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.master, loggers),
+              grad_accum=cfg.total_batch_size // (B * T * W), flops_per_token=flops_per_token(c, T),
+              peak_flops=gpu_peak_flops(name) if name else None, t_start=t_start, graphs_before=graphs_before,
+              guard=SpikeGuard(cfg.spike_z, device=d.device), lock=lock)
     if ckpt:
         run.start = load_checkpoint(ckpt, model, optimizer, run.train_loader, d, run.scaler, run.guard)
         run.log.truncate(run.start)  # the steps after the checkpoint are logged again, as this line runs them
         d.print0(f"resumed from {ckpt} at step {run.start}")
-        for group in optimizer.param_groups:  # the run's betas, or those given (restore said so)
-            group["betas"] = (cfg.beta1, cfg.beta2)
+        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):  # the checkpoint's groups hold
+            group["betas"], group["weight_decay"] = (cfg.beta1, cfg.beta2), decay  # the run's: a flag given wins
     return run
 
 
@@ -417,7 +432,7 @@ def out_of_memory_line(run):
     cfg, d, c = run.cfg, run.d, run.model.config
     gpu = torch.cuda.get_device_properties(d.device)
     advice = memory_advice(c, cfg.batch_size, cfg.seq_len, cfg.total_batch_size, d.world_size, gpu.total_memory,
-                           cfg.parallel)
+                           cfg.parallel, cfg.activation_checkpointing)
     return (f"out of GPU memory in the first step at --batch_size {cfg.batch_size} ({gpu.name}, "
             f"{gpu.total_memory / 2**30:.0f} GiB); " +
             (f"by the memory estimate (python model.py) this fits: {advice}" if advice else
@@ -453,8 +468,9 @@ def train(cfg):
                 if stop and step < run.end:
                     finish(run, step)
                     ckpt = os.path.join(run.cfg.out_dir, f"ckpt_{step:06d}")
+                    again = resume_command(ckpt, run.d.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
                     run.d.print0(f"stopped at step {step} ({stopper.signal or 'another rank'}); saved {ckpt}; continue "
-                                 f"with: {resume_command(ckpt, run.d.world_size)}")
+                                 f"with: {again}")
                     return stopper.signal or "SIGTERM"
             finish(run, step)
     finally:
@@ -476,7 +492,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\n{interrupted_line(argv, cfg)}", file=sys.stderr)
+        print(f"\n{interrupted_line(argv, cfg, int(os.environ.get('WORLD_SIZE', 1)))}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -208,7 +208,7 @@ def test_compile_with_fsdp(pair, tmp_path):
     on --max_steps)."""
     _, eager, _, common = pair
     out = str(tmp_path / "out")
-    finish(start(common + ["--out_dir", out, "--val_steps", "2", "--parallel", "fsdp", "--compile", "true",
+    finish(start(common + ["--out_dir", out, "--val_steps", "4", "--parallel", "fsdp", "--compile", "true",
                            "--max_steps", "2"], nproc=2))
     for key, steps in (("train_loss", [0, 1]), ("norm", [0, 1]), ("val_loss", [0, 1])):
         got, want = events(out, key), dict(events(eager, key))

@@ -103,14 +103,26 @@ def test_deterministic_algorithms_make_a_compiled_embedding_backward_repeat():
         torch.use_deterministic_algorithms(before)
 
 
+def signal_args(syn_dir):
+    return SYN + ["--data_dir", syn_dir, "--max_steps", 30, "--compile", "false", "--ckpt_interval", 1000,
+                  "--dropout", "0.1", "--shuffle", "samples", "--max_lr", "3e-3", "--eval_interval", 10]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, syn_dir):
+    """The uninterrupted run the stopped ones are compared with."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert "done:" in ok(run(signal_args(syn_dir) + ["--out_dir", out])).stdout
+    return out
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_path_alone_continues(tmp_path, syn_dir, sig, code):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_path_alone_continues(tmp_path, syn_dir, sig, code,
+                                                                                         whole_run):
     """SIGTERM (a scheduler's notice) or Ctrl-C mid-run: the current step finishes, a checkpoint is written, and the
     command that continues is printed; that command alone (--resume PATH, no other flag) ends the run with the
-    numbers of the uninterrupted one, bit for bit."""
-    common = SYN + ["--data_dir", syn_dir, "--max_steps", 30, "--compile", "false", "--ckpt_interval", 1000,
-                    "--dropout", "0.1", "--shuffle", "true", "--max_lr", "3e-3", "--eval_interval", 10]
-    whole = ok(run(common + ["--out_dir", tmp_path / "whole"]))
+    numbers of the uninterrupted one, bit for bit (dropout and shuffled samples on: RNG and loader come back)."""
+    common = signal_args(syn_dir)
     out = tmp_path / "cut"
     p = subprocess.Popen([sys.executable, "train_gpt2.py", *map(str, common + ["--out_dir", out])], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -127,7 +139,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_path_alone_c
     assert not os.path.exists(out / "model.safetensors")  # not finished: no final model
     argv = line.split("continue with: python train_gpt2.py ")[1].split()
     ok(run(argv))
-    assert events(out) == events(tmp_path / "whole") and "done:" in whole.stdout
+    assert events(out) == events(whole_run)
 
 
 def _lines(path):
@@ -182,28 +194,37 @@ def test_frozen_flags_are_refused_and_others_said(tmp_path, syn_dir):
         r = run(["--resume", "auto", "--out_dir", out, flag, value])
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
         assert r.stderr.startswith(f"error: {flag} {value}: ") and "cannot change mid-run" in r.stderr, r.stderr
-    r = ok(run(["--resume", "auto", "--out_dir", out, "--grad_clip", "0.5"]))
+    r = ok(run(["--resume", "auto", "--out_dir", out, "--grad_clip", "0.5", "--weight_decay", "0.05"]))
     assert "note: --grad_clip 0.5 overrides the run's 1.0" in r.stdout and "resumed from" in r.stdout
+    groups = torch.load(out / "ckpt_000004" / "trainer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # the flag reached AdamW, not only the note
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_run_moves_between_world_sizes(tmp_path, syn_dir, parallel):
     """Checkpointed on 2 gloo ranks, resumed in 1 process, then on 2 ranks again: the data goes on from the same
     global position (the loader's stream is global), and every loss equals the uninterrupted one-process run's
-    within float32 rounding. A world size the batch does not divide is refused, naming the sizes that work."""
+    within float32 rounding."""
     common = SYN + ["--data_dir", syn_dir, "--max_steps", 6, "--compile", "false", "--ckpt_interval", 2,
                     "--batch_size", 4]  # 1,024 tokens a step: grad accum 4 on one rank, 2 on each of two
     one = tmp_path / "one"
     ok(run(common + ["--out_dir", one]))
     moved = tmp_path / "moved"
     ok(torchrun(common + ["--out_dir", moved, "--run_steps", 2, "--parallel", parallel]))
-    r = ok(run(["--resume", moved / "ckpt_000002", "--run_steps", 2, "--parallel", "ddp"]))
-    assert "grad accum 4" in r.stdout and "resumed from" in r.stdout
-    ok(torchrun(["--resume", moved / "ckpt_000004", "--parallel", parallel]))
+    r = ok(run(["--resume", moved / "ckpt_000002", "--run_steps", 2]))  # one process: an fsdp run goes on unsharded
+    assert "grad accum 4" in r.stdout and "resumed from" in r.stdout and "x1 ddp" in r.stdout
+    ok(torchrun(["--resume", moved / "ckpt_000004"] + (["--parallel", parallel] if parallel == "fsdp" else [])))
     a, b = events(one), events(moved)
     assert [e["step"] for e in a] == [e["step"] for e in b]
     for x, y in zip(a, b):
         for k in x:
             assert x[k] == pytest.approx(y[k], rel=1e-5), (k, x, y)
-    bad = torchrun(["--resume", moved / "ckpt_000006", "--max_steps", 8, "--batch_size", 8], nproc=3)
-    assert bad.returncode != 0 and "(world sizes that work at this batch size: 1, 2)" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_world_size_the_batch_does_not_divide_is_refused_naming_those_that_do():
+    from cli import ConfigError
+    from config import parse_args, validate
+    cfg = parse_args(["--total_batch_size", "1024", "--batch_size", "8", "--seq_len", "64", "--device", "cpu"])
+    validate(cfg, world_size=2)
+    with pytest.raises(ConfigError, match=r"\(world sizes that work at this batch size: 1, 2\)$"):
+        validate(cfg, world_size=3)

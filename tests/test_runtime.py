@@ -191,3 +191,20 @@ def test_apple_mps_is_picked_after_cuda_and_its_choices_are_the_safe_ones(monkey
     assert not opt.defaults["fused"]
     fake_machine(monkeypatch, cuda=1, mps=True)
     assert runtime.resolve_device("auto") == "cuda"
+
+
+def test_memory_advice_never_repeats_what_ran():
+    """Out of memory with activation checkpointing already on: the advice keeps it on and lowers the batch."""
+    small = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    advice = runtime.memory_advice(small, 8, 1024, 524288, 1, 3 * 2**30, checkpointing=True)
+    assert advice == "--batch_size 4 --activation_checkpointing true"
+    assert runtime.memory_advice(small, 4, 1024, 524288, 1, 3 * 2**30, checkpointing=True) != \
+        "--batch_size 4 --activation_checkpointing true"
+
+
+def test_resume_command_on_one_node_and_on_several():
+    from checkpoint import resume_command
+    assert resume_command("out/ckpt_000010", 8, 8) == \
+        "torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume out/ckpt_000010"
+    assert resume_command("out/ckpt_000010", 16, 8) == \
+        "torchrun <your launch flags> train_gpt2.py --resume out/ckpt_000010"

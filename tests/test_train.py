@@ -812,3 +812,25 @@ def test_betas_and_init_std_reach_the_optimizer_and_model_and_a_resume_keeps_the
                                       "--beta2", "0.999"), capsys)
     assert code == 0 and seen[-2:] == [{(0.8, 0.999)}] * 2  # steps 3 and 4
     assert "note: --beta1 0.8 overrides the run's 0.9" in stdout and "--beta2 0.999 overrides the run's 0.99" in stdout
+
+
+def test_a_resume_needs_no_init_from_weights(tmp_path, shakespeare_dir, capsys):
+    """A run started from pretrained weights resumes from its checkpoint alone: the --init_from directory may be
+    gone by then (the checkpoint holds the weights and the shape)."""
+    import shutil
+
+    from conftest import make_hf
+    _, hf_dir = make_hf(tmp_path, vocab_size=50257)
+    out = tmp_path / "out"
+    assert train_main(TINY_FT(shakespeare_dir, out, hf_dir), capsys)[0] == 0
+    shutil.rmtree(hf_dir)
+    code, text, err = train_main(["--resume", str(out / "ckpt_000002")], capsys)
+    assert code == 0 and "resumed from" in text and (out / "model.safetensors").exists(), err
+
+
+def TINY_FT(shakespeare_dir, out, hf_dir):
+    """A tiny fine-tuning run from a Hugging Face directory: 4 steps, stopped after 2."""
+    return ["--init_from", hf_dir, "--data_dir", shakespeare_dir, "--out_dir", str(out), "--seq_len", "64",
+            "--batch_size", "4", "--total_batch_size", "256", "--max_steps", "4", "--run_steps", "2",
+            "--val_steps", "2", "--eval_interval", "100", "--dtype", "float32", "--compile", "false",
+            "--hellaswag_interval", "0", "--sample_interval", "0", "--device", "cpu", "--warmup_steps", "1"]
