@@ -151,3 +151,17 @@ def test_activation_checkpointing_under_torchrun(tmp_path, parallel):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5) and x["norm"] == pytest.approx(y["norm"],
                                                                                                         rel=1e-4)
     assert len(outs["true"]) == 3
+
+
+def test_activation_checkpointing_resumes_exactly(tmp_path):
+    """With activation checkpointing, a run stopped after 2 steps and resumed with --resume PATH logs the numbers of
+    the uninterrupted run, bit for bit."""
+    from conftest import write_syn_shards
+    data = write_syn_shards(tmp_path / "d", (4000,), 2000)
+    args = TINY + ["--data_dir", data, "--max_steps", 4, "--activation_checkpointing", "true", "--dropout", "0.1"]
+    run(args + ["--out_dir", tmp_path / "whole"])
+    run(args + ["--out_dir", tmp_path / "cut", "--run_steps", 2])
+    run(["--resume", tmp_path / "cut" / "ckpt_000002"])
+    drop = ("dt_ms", "tokens_per_sec")
+    assert [{k: v for k, v in e.items() if k not in drop} for e in events(tmp_path / "whole")] == \
+        [{k: v for k, v in e.items() if k not in drop} for e in events(tmp_path / "cut")]
