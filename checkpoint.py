@@ -128,6 +128,17 @@ def save_checkpoint(out_dir, keep_last, step, model, optimizer, loader, d, scale
         shutil.rmtree(old)
 
 
+def optimizer_problem(optimizer_sd, weights):
+    """'' if every moment in the optimizer state has its weight's shape, else the first that does not (a fused
+    AdamW step on mismatched moments corrupts memory instead of raising)."""
+    for name, moments in optimizer_sd.get("state", {}).items():
+        for key, t in moments.items():
+            if torch.is_tensor(t) and t.dim() and (name not in weights or t.shape != weights[name].shape):
+                want = tuple(weights[name].shape) if name in weights else "no such weight"
+                return f"{name} {key} {tuple(t.shape)} vs {want}"
+    return ""
+
+
 def load_checkpoint(path, model, optimizer, loader, d, scaler=None, guard=None):
     """Restore weights, optimizer, loader position, this rank's RNGs, the loss scaler's state (where both the
     checkpoint and this run have one: float16) and the spike guard's window; return the step to start at."""
@@ -157,6 +168,8 @@ def load_checkpoint(path, model, optimizer, loader, d, scaler=None, guard=None):
             sd["lm_head.weight"] = sd["transformer.wte.weight"] = torch.cat([wte, pad])
         if problem := hf.fit_problem(model.state_dict(), sd):
             raise ValueError(f"{path}: weights do not fit the model: {problem}")
+        if problem := optimizer_problem(state["optimizer"], sd):
+            raise ValueError(f"{path}/trainer.pt: optimizer state does not fit the weights: {problem}")
         set_full_state(model, optimizer, sd, state["optimizer"])
         if scaler is not None and state.get("scaler"):  # {}: written by a bfloat16/float32 run or before float16
             scaler.load_state_dict(state["scaler"])

@@ -110,13 +110,13 @@ class Run:
 
 
 def build_model(cfg, ckpt=None):
-    """A fresh GPT of the configured shape, or pretrained weights (init_from). Resuming from ckpt: a GPT of the
-    checkpoint's shape, whose weights load_checkpoint fills (so --init_from's weights need not be at hand again)."""
-    if ckpt:
+    """A fresh GPT of the configured shape, or pretrained weights (init_from). Resuming a fine-tune from ckpt: a GPT
+    of the checkpoint's shape, whose weights load_checkpoint fills (so --init_from's weights need not be at hand
+    again); a scratch run's shape is its recorded config, which load_checkpoint checks the weights against."""
+    if ckpt and cfg.init_from != "scratch":
         with open(os.path.join(ckpt, "config.json")) as f:
             shape = hf.config_from_hf(json.load(f))  # its vocabulary cropped to GPT-2's; a scratch run pads it
-        vocab = cfg.vocab_size if cfg.init_from == "scratch" else shape["vocab_size"]
-        return GPT(GPTConfig(**{**shape, "vocab_size": vocab, "dropout": cfg.dropout}))
+        return GPT(GPTConfig(**{**shape, "dropout": cfg.dropout}))
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, init_std=cfg.init_std))

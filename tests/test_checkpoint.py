@@ -327,6 +327,10 @@ def corrupt(kind, path):
             f.truncate(os.path.getsize(f.name) // 2)
     elif kind == "pickle":
         torch.save({"optimizer": NotATensor(), "x": object()}, os.path.join(path, "trainer.pt"))
+    elif kind == "moments":  # optimizer moments of another shape than their weight (a hand-edited trainer.pt)
+        state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+        state["optimizer"]["state"]["transformer.wpe.weight"]["exp_avg"] = torch.zeros(3, 3)
+        torch.save(state, os.path.join(path, "trainer.pt"))
     elif kind == "shape":  # weights that do not match their trainer.json (64 wide where the run is 32)
         from model import GPTConfig
         GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64)).save_pretrained(path)
@@ -341,6 +345,8 @@ def corrupt(kind, path):
     (None, ["--n_layer", "3"], "--n_layer 3: "),  # the shape cannot change mid-run
     ("shape", [], "weights do not fit the model: shapes (file vs model): "
                   "transformer.wte.weight (256, 64) vs (256, 32)"),
+    ("moments", [], "trainer.pt: optimizer state does not fit the weights: transformer.wpe.weight exp_avg (3, 3) "
+                    "vs (32, 32)"),
 ])
 def test_bad_checkpoint_exits_2_with_one_line(tmp_path, good_ckpt, kind, extra, message):
     src, common = good_ckpt

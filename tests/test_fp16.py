@@ -155,8 +155,8 @@ def test_loss_scale_below_one_stops_the_run(tmp_path, syn_dir, capsys, monkeypat
     scaler_starting_at(monkeypatch, 4.0)
     real_build = train_gpt2.build_model
 
-    def build(cfg):
-        model = real_build(cfg)
+    def build(cfg, ckpt=None):
+        model = real_build(cfg, ckpt)
         model.transformer.wpe.weight.register_hook(lambda g: g * float("inf"))
         return model
     monkeypatch.setattr(train_gpt2, "build_model", build)

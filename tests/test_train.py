@@ -793,8 +793,8 @@ def test_betas_and_init_std_reach_the_optimizer_and_model_and_a_resume_keeps_the
         opt.step = lambda *sa, **skw: seen.append({g["betas"] for g in opt.param_groups}) or step(*sa, **skw)
         return opt
 
-    def build(cfg):
-        model = real_build(cfg)
+    def build(cfg, ckpt=None):
+        model = real_build(cfg, ckpt)
         seen.append(model.transformer.h[0].mlp.c_fc.weight.std().item())
         return model
     monkeypatch.setattr(train_gpt2, "configure_optimizers", configure)
