@@ -498,11 +498,11 @@ def bench_quality(args, device, dtype):
             model = GPT.from_pretrained(out_dir).eval()
             prompt = torch.tensor([enc.encode("ROMEO:\n")])
             sample = model.generate(prompt, 48, top_k=50, generator=torch.Generator().manual_seed(0))[0].tolist()
-            rows[name] = dict(val_loss=val_loss(out_dir, data_dir), wall_s=wall, steps=steps, skipped=skipped,
-                              tokens=steps * cfg["total_batch_size"], budget=budget, done=done, config=cfg,
-                              sample=enc.decode([t for t in sample if t < enc.n_vocab]))
+            rows[name] = dict(val_loss=val_loss(out_dir, data_dir, args.val_batches), wall_s=wall, steps=steps,
+                              skipped=skipped, tokens=steps * cfg["total_batch_size"], budget=budget, done=done,
+                              config=cfg, sample=enc.decode([t for t in sample if t < enc.n_vocab]))
     print(f"quality: {args.budget:g} s of wall time each, {device}, dtype {dtype}; float32 val loss on the first "
-          f"10 val batches of 16 x 256 of {data_dir}")
+          f"{args.val_batches} val batches of 16 x 256 of {data_dir}")
     for name, r in rows.items():
         print(f"  {name:<28} val {r['val_loss']:.3f}  {r['steps']} steps ({r['skipped']} skipped), "
               f"{r['tokens'] / 1e6:.2f}M tokens, {r['wall_s']:.0f} s wall")
@@ -942,6 +942,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="quality: seconds of wall time per recipe (default: the shakespeare preset's --time_budget)")
     p.add_argument("--data_dir", default="", help="quality: Shakespeare-format shards (default: the preset's)")
+    p.add_argument("--val_batches", type=int, default=10, help="quality: val batches of 16 x 256 that score each model")
     p.add_argument("--train_args", default="", help="quality: more train_gpt2.py flags for both runs")
     p.add_argument("--compile", type=parse_bool, default=True,
                    help="train: false runs the rows named compiled eager (a quick check, as gpu --smoke does)")
@@ -960,7 +961,8 @@ def parse_args(argv=None):
             p.error(f"unknown benchmark {what!r}: expected any of {', '.join(WHAT)}")
     args.what = args.what or list(DEFAULT)
     for name in ("n_layer", "n_head", "n_embd", "batch", "seq_len", "steps", "gen_batch", "prompt_len", "new_tokens",
-                 "loader_batches", "docs", "repeats", "budget", "time_limit"):
+                 "loader_batches", "docs", "repeats", "budget", "time_limit",
+                 "val_batches"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
     if args.json:

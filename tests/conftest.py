@@ -20,11 +20,13 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def seeded():
-    """Every test starts from seed 0 and leaves torch's global RNG as it found it."""
+    """Every test starts from seed 0 and leaves torch's global RNG and deterministic mode as it found them."""
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     torch.random.set_rng_state(state)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # in-process runs set it
 
 
 def kill_tree(pid):

@@ -156,7 +156,7 @@ def test_quality_trains_both_recipes_for_the_budget_and_scores_them_alike(tmp_pa
     tiny = ("--compile false --n_layer 1 --n_head 1 --n_embd 32 --block_size 32 --seq_len 32 --batch_size 2 "
             "--total_batch_size 64 --val_steps 2 --eval_interval 4 --sample_interval 0")
     r = bench("quality", "--budget", "4", "--device", "cpu", "--dtype", "float32", "--data_dir", str(shakespeare_dir),
-              "--train_args", tiny, "--json", str(out))
+              "--val_batches", "1", "--train_args", tiny, "--json", str(out))
     assert r.returncode == 0, r.stderr
     runs = json.loads(out.read_text())["quality"]["runs"]
     ours, base = runs["ours (--preset shakespeare)"], runs["build-nanogpt's recipe"]

@@ -83,7 +83,8 @@ def test_install_and_first_training_command_are_in_the_first_80_lines():
 
 def test_the_test_command_ci_greps_for_is_there():
     lines = README.read_text(encoding="utf-8").splitlines()
-    assert "python -m pytest -p randomly tests" in lines, "README.md: no line 'python -m pytest -p randomly tests'"
+    command = "python -m pytest -p randomly -n 2 --dist loadfile tests"
+    assert command in lines, f"README.md: no line {command!r}"
     assert "pip install -r requirements-dev.txt && python data/tokenizer.py" in lines, "README.md: no dev install line"
 
 

@@ -19,12 +19,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, metrics, one_error, rel_err, train_capturing_grads, train_main
 
 import runtime
 import train_gpt2
 from conftest import spy_on_the_step, write_syn_shards
 from loss import LinearCrossEntropy
+from test_train import TINY, metrics, one_error, rel_err, train_capturing_grads, train_main
 
 TOL = 2**-8
 

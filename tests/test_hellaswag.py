@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from test_train import TINY, metrics, run
 
 from conftest import HELLASWAG, ROOT, make_hf, write_hellaswag
 from data import DataError, hellaswag
 from data.tokenizer import get_encoding
 from model import GPT
+from test_train import TINY, metrics, run
 from train_gpt2 import main as train_main
 
 

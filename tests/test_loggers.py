@@ -7,10 +7,10 @@ import struct
 import sys
 
 import pytest
-from test_train import one_error, tiny, train_main
 
 from checkpoint import run_contents
 from conftest import HELLASWAG, write_hellaswag
+from test_train import one_error, tiny, train_main
 
 
 def run_args(shakespeare_dir, out, tmp_path, *extra):

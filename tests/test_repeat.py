@@ -185,15 +185,18 @@ def test_a_branch_never_mixes_with_its_run(tmp_path, syn_dir):
     assert sorted(n for n in os.listdir(branch) if n.startswith("ckpt_")) == ["ckpt_000006"]
 
 
-def test_frozen_flags_are_refused_and_others_said(tmp_path, syn_dir):
+def test_frozen_flags_are_refused_and_others_said(tmp_path, syn_dir, capsys):
     """What fixes the run (shape, data, seed, sequence length) cannot change on resume: one line naming the flag.
     Anything else wins with a note."""
+    import train_gpt2
     out = tmp_path / "out"
     ok(run(SYN + ["--data_dir", syn_dir, "--max_steps", 4, "--run_steps", 2, "--compile", "false", "--out_dir", out]))
     for flag, value in (("--seed", 1), ("--n_embd", 64), ("--seq_len", 32), ("--data_dir", tmp_path)):
-        r = run(["--resume", "auto", "--out_dir", out, flag, value])
-        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
-        assert r.stderr.startswith(f"error: {flag} {value}: ") and "cannot change mid-run" in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as e:  # in this process: refused before anything runs
+            train_gpt2.main(["--resume", "auto", "--out_dir", str(out), flag, str(value)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.strip().splitlines() == [err.strip()], err
+        assert err.startswith(f"error: {flag} {value}: ") and "cannot change mid-run" in err, err
     r = ok(run(["--resume", "auto", "--out_dir", out, "--grad_clip", "0.5", "--weight_decay", "0.05"]))
     assert "note: --grad_clip 0.5 overrides the run's 1.0" in r.stdout and "resumed from" in r.stdout
     groups = torch.load(out / "ckpt_000004" / "trainer.pt", weights_only=True)["optimizer"]["param_groups"]
