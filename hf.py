@@ -31,6 +31,12 @@ def config_from_hf(d):
             raise ValueError(f"{k} must be a positive integer, got {d[k]!r}")
     if d["n_embd"] % d["n_head"]:
         raise ValueError(f"n_embd {d['n_embd']} is not divisible by n_head {d['n_head']}")
+    gpt2 = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "tie_word_embeddings": True, "add_cross_attention": False, "n_inner": None}
+    for k, want in gpt2.items():  # options that change the logits, which this GPT-2 does not implement
+        ok = (want, 4 * d["n_embd"]) if k == "n_inner" else (want,)  # n_inner None means 4 * n_embd
+        if d.get(k, want) not in ok:
+            raise ValueError(f"{k} {d[k]!r} is not implemented (GPT-2's is {' or '.join(map(repr, ok))})")
     init_std = d.get("initializer_range", 0.02)
     if type(init_std) not in (int, float) or not init_std > 0:
         raise ValueError(f"initializer_range must be a positive number, got {init_std!r}")

@@ -299,8 +299,13 @@ def test_load_errors_list_the_bad_keys(tmp_path, tiny_hf):
     (lambda d: [d], "a JSON list"), (lambda d: {**d, "n_embd": 33}, "n_embd 33 is not divisible by n_head 2"),
     (lambda d: {**d, "n_head": 0}, "n_head must be a positive integer, got 0"),
     (lambda d: {k: d[k] for k in d if k != "n_layer"}, "no 'n_layer'"),
-], ids=["list", "n_embd", "n_head", "missing"])
+    (lambda d: {**d, "layer_norm_epsilon": 1e-6}, r"layer_norm_epsilon 1e-06 is not implemented \(GPT-2's is 1e-05\)"),
+    (lambda d: {**d, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx True is not"),
+    (lambda d: {**d, "tie_word_embeddings": False}, "tie_word_embeddings False is not implemented"),
+    (lambda d: {**d, "n_inner": 100}, r"n_inner 100 is not implemented \(GPT-2's is None or 128\)"),
+], ids=["list", "n_embd", "n_head", "missing", "eps", "layer_scale", "untied", "n_inner"])
 def test_bad_config_json_is_a_clear_error_naming_the_file(tiny_hf, change, match):
+    """What is not GPT-2, the HF options that change the logits among it, is refused naming the option."""
     import json
     cfg = os.path.join(tiny_hf[1], "config.json")
     with open(cfg) as f:
