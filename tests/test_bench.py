@@ -174,6 +174,7 @@ def test_quality_trains_both_recipes_for_the_budget_and_scores_them_alike(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "--budget: must be positive"),
+    (["--val_batches", "0"], "--val_batches: must be positive"),
     (["--train_args", "--max_lr nope"],
      "quality: ours (--preset shakespeare): train_gpt2.py exited 2: error: argument --max_lr"),
 ])
