@@ -57,8 +57,7 @@ def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first. Half-written ones live under a temporary name."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()),
-                   key=lambda n: int(n[5:]))
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()), key=step_of)
     return [os.path.join(out_dir, n) for n in names if not missing_files(os.path.join(out_dir, n))]
 
 
@@ -390,6 +389,5 @@ def interrupted_line(argv, cfg, world_size=1):
         return "interrupted"
     keep = [a for i, a in enumerate(argv)
             if a.split("=")[0] != "--overwrite" and (i == 0 or argv[i - 1] != "--overwrite")]
-    again = " ".join(shlex.quote(a) for a in keep)
-    return (f"interrupted before the first checkpoint; start over with: python train_gpt2.py {again} --overwrite true"
-            ).replace("  ", " ")
+    again = " ".join(["python", "train_gpt2.py", *map(shlex.quote, keep), "--overwrite", "true"])
+    return f"interrupted before the first checkpoint; start over with: {again}"

@@ -115,7 +115,7 @@ def build_model(cfg, ckpt=None):
     again); a scratch run's shape is its recorded config, which load_checkpoint checks the weights against."""
     if ckpt and cfg.init_from != "scratch":
         with open(os.path.join(ckpt, "config.json")) as f:
-            shape = hf.config_from_hf(json.load(f))  # its vocabulary cropped to GPT-2's; a scratch run pads it
+            shape = hf.config_from_hf(json.load(f))  # the fine-tuned model as saved
         return GPT(GPTConfig(**{**shape, "dropout": cfg.dropout}))
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,

@@ -426,3 +426,7 @@ def test_interrupted_line_before_and_after_the_first_checkpoint(tmp_path):
     assert interrupted_line(argv, cfg) == (f"interrupted; newest checkpoint {out}/ckpt_000050; continue with: "
                                            f"python train_gpt2.py --resume {out}/ckpt_000050")
     assert interrupted_line(argv, None) == "interrupted"
+    (out / "ckpt_000050" / "trainer.pt").unlink()  # no complete checkpoint again; a prompt keeps its two spaces
+    assert interrupted_line([], cfg).endswith("start over with: python train_gpt2.py --overwrite true")
+    assert interrupted_line(["--sample_prompt", "a  b"], cfg).endswith("train_gpt2.py --sample_prompt 'a  b' "
+                                                                      "--overwrite true")
