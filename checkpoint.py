@@ -253,6 +253,14 @@ def step_of(path):
     return int(os.path.basename(os.path.normpath(path))[5:])
 
 
+def resume_target(out_dir, resume):
+    """The checkpoint --resume names, read-only: PATH if complete, the newest complete one in out_dir for auto,
+    else None (find_resume adds the rules a start enforces)."""
+    if resume == "auto":
+        return (list_checkpoints(out_dir) or [None])[-1]
+    return resume if resume and os.path.isdir(resume) and not missing_files(resume) else None
+
+
 def find_resume(out_dir, resume, overwrite):
     """The checkpoint a run starts from (None: a fresh start), refusing to mix two runs, or two lines of one run,
     in one out_dir.
@@ -263,10 +271,10 @@ def find_resume(out_dir, resume, overwrite):
     would start a second line among the first one's checkpoints (overwrite drops the later ones; --out_dir NEW
     starts the branch in a folder of its own, as any resume into another out_dir does).
     """
-    ours, complete = run_contents(out_dir), list_checkpoints(out_dir)
-    if resume == "auto" and complete:
-        return complete[-1]
-    if resume not in ("", "auto") and os.path.normpath(os.path.dirname(os.path.normpath(resume))) == \
+    ours, complete, target = run_contents(out_dir), list_checkpoints(out_dir), resume_target(out_dir, resume)
+    if resume == "auto" and target:
+        return target
+    if target and resume != "auto" and os.path.normpath(os.path.dirname(os.path.normpath(resume))) == \
             os.path.normpath(out_dir):
         later = [c for c in complete if step_of(c) > step_of(resume)]
         if later and not overwrite:
@@ -276,7 +284,7 @@ def find_resume(out_dir, resume, overwrite):
         for c in later:
             print(f"--overwrite: deleting {c}, later than {resume}", flush=True)
             shutil.rmtree(c)
-        return resume
+        return target
     if ours and not overwrite:
         what = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
         if resume == "auto":
@@ -288,7 +296,7 @@ def find_resume(out_dir, resume, overwrite):
         raise ConfigError(f"--out_dir {out_dir} already holds a run ({what}); continue it with --resume auto, pick a "
                           f"new --out_dir, or replace it with --overwrite true")
     clear_run(out_dir)
-    return resume if resume not in ("", "auto") else None
+    return target
 
 
 def model_dir(init_from):

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-from checkpoint import list_checkpoints, missing_files, recorded
+from checkpoint import list_checkpoints, missing_files, recorded, resume_target
 from cli import ConfigError, OneLineParser, check_out_dir, check_seed, parse_bool
 from model import GPT2_SHAPES
 from runtime import DTYPES, check_float16, pick_dtype, resolve_device
@@ -106,7 +106,8 @@ PREPARE_HINT = {"shakespeare": "python data/shakespeare.py",
 
 
 def parse_args(argv=None, doc=None):
-    """argv -> TrainConfig: TrainConfig defaults, then the preset's, then the flags given (`doc` heads --help)."""
+    """argv -> (TrainConfig, the names of the flags given): TrainConfig defaults, then the preset's, then the flags
+    given (`doc` heads --help). A resume takes the flags not given from its checkpoint."""
     parser = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
@@ -119,9 +120,7 @@ def parse_args(argv=None, doc=None):
     given = {k: v for k, v in vars(args).items() if v is not None}
     if given.get("resume", "") not in ("", "auto") and "out_dir" not in given:  # a resumed run writes where it lives
         given["out_dir"] = os.path.dirname(os.path.normpath(given["resume"])) or "."
-    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
-    cfg.given = set(given)  # which flags the user set: a resume takes the others from its checkpoint
-    return cfg
+    return TrainConfig(**{**PRESETS[preset], **given, "preset": preset}), frozenset(given)
 
 
 # A resume may change any flag but these, which fix what the run is: its model, data, order and seed.
@@ -130,18 +129,11 @@ FROZEN = ("preset", "data_dir", "seed", "seq_len", "shuffle", "n_layer", "n_head
 THIS_INVOCATION = ("resume", "overwrite", "out_dir", "run_steps")  # never taken from the checkpoint
 
 
-def resume_target(cfg):
-    """The checkpoint --resume names: PATH, the newest complete one in out_dir for auto, or None."""
-    if cfg.resume == "auto":
-        return (list_checkpoints(cfg.out_dir) or [None])[-1]
-    return cfg.resume if cfg.resume and os.path.isdir(cfg.resume) and not missing_files(cfg.resume) else None
-
-
-def restore(cfg):
+def restore(cfg, given):
     """--resume: (the run's own TrainConfig from its checkpoint, with the flags given on the command line winning,
     [one note per flag that changed a value]). A flag of FROZEN that differs is a ConfigError naming it; without
     --resume, or with nothing to resume, cfg as it is."""
-    ckpt = resume_target(cfg)
+    ckpt = resume_target(cfg.out_dir, cfg.resume)
     config, decided = recorded(ckpt) if ckpt else ({}, {})
     if not config:
         return cfg, []
@@ -149,7 +141,7 @@ def restore(cfg):
     run = {"head_vocab": "full", "beta1": 0.9, "beta2": 0.95, **{k: v for k, v in config.items() if k in known}}
     if isinstance(run.get("shuffle"), bool):  # checkpoints from before --shuffle samples
         run["shuffle"] = str(run["shuffle"]).lower()
-    notes, given = [], getattr(cfg, "given", set())
+    notes = []
     for name in sorted(given - set(THIS_INVOCATION)):
         value, was = getattr(cfg, name), decided.get(name, run.get(name))  # dtype auto: what auto picked
         if value == was:
@@ -164,13 +156,11 @@ def restore(cfg):
         raise ConfigError(f"--resume: {ckpt} was trained with --head_vocab {run['head_vocab']}, which this version no "
                           f"longer has (it tied the input rows of ids the run trained on); start a new run from its "
                           f"weights: --init_from {ckpt} --out_dir NEW")
-    restored = TrainConfig(**{**run, **{k: getattr(cfg, k) for k in THIS_INVOCATION}})
-    restored.given = given
-    return restored, notes
+    return TrainConfig(**{**run, **{k: getattr(cfg, k) for k in THIS_INVOCATION}}), notes
 
 
-def validate(cfg, world_size):
-    """Raise ConfigError naming the flag for any value that cannot work."""
+def validate(cfg, world_size, given=frozenset()):
+    """Raise ConfigError naming the flag for any value that cannot work (given: the names of the flags given)."""
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
@@ -218,7 +208,7 @@ def validate(cfg, world_size):
     for name in ("dropout", "beta1", "beta2"):
         need(0 <= getattr(cfg, name) < 1, f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.init_std > 0, f"--init_std: must be positive, got {cfg.init_std}")
-    need("init_std" not in getattr(cfg, "given", ()) or cfg.init_from == "scratch", f"--init_std {cfg.init_std} "
+    need("init_std" not in given or cfg.init_from == "scratch", f"--init_std {cfg.init_std} "
          f"sets the weights of a new model, and --init_from {cfg.init_from} loads them: "
          f"use it with --init_from scratch")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
@@ -238,7 +228,7 @@ def validate(cfg, world_size):
         hint = f"; to continue that run: --out_dir {cfg.resume} --resume auto (newest: {newest[-1]})" if newest else ""
         raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (missing {', '.join(missing)}){hint}")
     need(cfg.init_from == "scratch" or os.path.isdir(cfg.init_from) or cfg.init_from in GPT2_SHAPES or
-         resume_target(cfg),  # a resume takes the weights from its checkpoint
+         resume_target(cfg.out_dir, cfg.resume),  # a resume takes the weights from its checkpoint
          f"--init_from: {cfg.init_from!r} is not scratch, a GPT-2 name or a directory")
 
 

@@ -35,11 +35,12 @@ from checkpoint import (
     load_checkpoint,
     load_model,
     resume_command,
+    resume_target,
     save_checkpoint,
     start_run,
 )
 from cli import ConfigError, run_main
-from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, restore, resume_target, validate
+from config import BUDGET_PROBE, PREPARE_HINT, PRESETS, budget_steps, parse_args, restore, validate
 from data import DataError, hellaswag
 from data.shards import ShardLoader, shard_paths, shard_problem, token_counts
 from data.tokenizer import get_encoding
@@ -139,7 +140,7 @@ def check_inputs(cfg, d):
     train_paths, val_paths = find_shards(cfg, "train", d), find_shards(cfg, "val", d)
     hs_examples = d.rank0_first(lambda: hellaswag.load_examples(cfg.hellaswag_path or hellaswag.download())) \
         if cfg.hellaswag_interval else []  # rank 0 downloads, the others wait for the file
-    model = build_model(cfg, resume_target(cfg)).to(d.device)
+    model = build_model(cfg, resume_target(cfg.out_dir, cfg.resume)).to(d.device)
     vocab, block = model.config.vocab_size, model.config.block_size  # pretrained weights bring their own
     if cfg.seq_len > block:
         raise ConfigError(f"--seq_len {cfg.seq_len} is longer than the model's context "
@@ -147,6 +148,10 @@ def check_inputs(cfg, d):
     if cfg.hellaswag_interval and vocab < REAL_VOCAB:
         raise ConfigError(f"--hellaswag_interval needs GPT-2's {REAL_VOCAB} tokens, but the model has {vocab} "
                           f"(--hellaswag_interval 0 turns it off)")
+    prompt = get_encoding().encode(cfg.sample_prompt) if cfg.sample_interval else []
+    if prompt and max(prompt) >= vocab:  # else the first sample would stop the run mid-way
+        raise ConfigError(f"--sample_prompt {cfg.sample_prompt!r} holds token {max(prompt)}, beyond the model's "
+                          f"{vocab} ids; give text of smaller ids, or --sample_interval 0")
     if vocab >= hf.GPT2_VOCAB:
         hf.gpt2_bpe_files()  # the tokenizer files every checkpoint carries: a missing BPE file stops the run now
     B, T, W = cfg.batch_size, cfg.seq_len, d.world_size
@@ -172,11 +177,10 @@ def head_vocab(cfg, model, train_paths, optimizer, d):
     return head
 
 
-def decide(cfg, d, recorded):
+def decide(cfg, d, recorded, given):
     """(dtype, loss path, (why, why)): the rules of runtime.pick_dtype and pick_loss for 'auto', or a resumed
     run's own choices (recorded), so that a resume continues in the precision and path it started with."""
     (dtype, dtype_why), (loss, loss_why) = pick_dtype(cfg.dtype, d.device), pick_loss(cfg.loss, d.device, cfg.compile)
-    given = getattr(cfg, "given", set())
     if "dtype" in recorded and "dtype" not in given:
         dtype, dtype_why = recorded["dtype"], "the run's"
     if "loss" in recorded and "loss" not in given:
@@ -184,15 +188,16 @@ def decide(cfg, d, recorded):
     return dtype, loss, (dtype_why, loss_why)
 
 
-def setup(cfg):
-    """Check the inputs, claim out_dir, build the model, optimizer and loaders, and restore a checkpoint."""
+def setup(cfg, given):
+    """Check the inputs, claim out_dir, build the model, optimizer and loaders, and restore a checkpoint (given:
+    the names of the flags on the command line, which win over a resumed run's own)."""
     t_start, d = time.time(), setup_dist(cfg.device)
-    cfg, notes = restore(cfg)  # --resume: the checkpoint's TrainConfig, with the flags given winning
-    if cfg.resume and cfg.parallel == "fsdp" and d.world_size == 1 and "parallel" not in getattr(cfg, "given", ()):
+    cfg, notes = restore(cfg, given)  # --resume: the checkpoint's TrainConfig, with the flags given winning
+    if cfg.resume and cfg.parallel == "fsdp" and d.world_size == 1 and "parallel" not in given:
         # one process holds the whole model: nothing to shard
         cfg.parallel = "ddp"
         notes.append("the run's --parallel fsdp continues unsharded in one process")
-    validate(cfg, d.world_size)
+    validate(cfg, d.world_size, given)
     check_loggers(cfg)  # a missing package stops the run now, before data and model load
     deterministic = set_deterministic(cfg.deterministic, d.device)
     torch.manual_seed(cfg.seed)
@@ -206,7 +211,7 @@ def setup(cfg):
         d.print0(f"note: {note}")
     if cfg.compile:
         check_compile(d.device)
-    dtype, loss, why = decide(cfg, d, recorded)
+    dtype, loss, why = decide(cfg, d, recorded, given)
     if dtype == "float16" and cfg.dtype != "float16":
         check_float16(d.device)  # auto chose it, here or where the run started
     tracked = {**asdict(cfg), "dtype": dtype, "loss": loss}  # the settings as trained, for wandb's config
@@ -230,8 +235,7 @@ def setup(cfg):
     name = torch.cuda.get_device_name(d.device) if d.device.startswith("cuda") else ""
     if name and not gpu_peak_flops(name):
         d.print0(f"MFU: unknown GPU ({name})")
-    max_steps = (recorded.get("max_steps", cfg.max_steps) if "max_steps" not in getattr(cfg, "given", ())
-                 else cfg.max_steps)
+    max_steps = cfg.max_steps if "max_steps" in given else recorded.get("max_steps", cfg.max_steps)
     run = Run(cfg=cfg, d=d, dtype=dtype, loss=loss, max_steps=max_steps, model=model, wrapped=wrapped,
               optimizer=optimizer, scaler=make_scaler(dtype, d.device), autocast=make_autocast(dtype, d.device),
               train_loader=ShardLoader(train_paths, B, T, d.rank, W, shuffle=cfg.shuffle, seed=cfg.seed),
@@ -439,12 +443,13 @@ def out_of_memory_line(run):
              "by the memory estimate (python model.py) no batch size fits one GPU: use more GPUs with --parallel fsdp"))
 
 
-def train(cfg):
-    """Train as cfg says; returns the signal that stopped the run early (SIGINT, SIGTERM), or None."""
+def train(cfg, given=frozenset()):
+    """Train as cfg says (given: the names of the flags given, which a resume keeps over its checkpoint's); returns
+    the signal that stopped the run early (SIGINT, SIGTERM), or None."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with Stopper() as stopper:
-            run = setup(cfg)
+            run = setup(cfg, given)
             gc.collect()
             gc.freeze()  # setup's objects are never collected again: no GC pauses over them in the loop (nanochat)
             step = run.start
@@ -482,8 +487,8 @@ def main(argv=None):
 
     def go():
         nonlocal cfg
-        cfg = parse_args(argv, doc=__doc__)
-        return train(cfg)
+        cfg, given = parse_args(argv, doc=__doc__)
+        return train(cfg, given)
     try:
         stopped = run_main(go)
         if stopped:

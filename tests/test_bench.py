@@ -280,7 +280,7 @@ def test_gpu_checklist_on_the_gpu_passes_each_script_the_flags_it_takes():
     import sample
     from config import parse_args
     rows = bench_py.checklist("/w", smoke=False)
-    cfg = {k: parse_args(r.shown[r.shown.index("train_gpt2.py") + 1:]) for k, r in rows.items() if r.kind == "train"}
+    cfg = {k: parse_args(r.shown[r.shown.index("train_gpt2.py") + 1:])[0] for k, r in rows.items() if r.kind == "train"}
     first = cfg["124m"]
     assert (first.n_layer, first.n_embd, first.batch_size, first.seq_len, first.total_batch_size) == \
         (12, 768, 64, 1024, 524288)

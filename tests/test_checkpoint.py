@@ -255,7 +255,7 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, syn_dir, global
     assert {"config.json", "model.safetensors", "trainer.pt"} <= set(os.listdir(tmp))  # half-written
 
     assert list_checkpoints(out) == [os.path.join(out, "ckpt_000001")]
-    cfg = parse_args(common)
+    cfg, _ = parse_args(common)
     model, optimizer, loader = build(cfg)
     assert load_checkpoint(list_checkpoints(out)[-1], model, optimizer, loader, Dist()) == 1
     assert loader.state_dict()["position"] == 128 and len(optimizer.state) > 0
@@ -384,7 +384,7 @@ def test_checkpoints_are_ordered_by_step_past_a_million(tmp_path):
 @pytest.fixture
 def small_ckpt(tmp_path, syn_dir, global_rngs):
     """A checkpoint saved in this process (no subprocess), and the model, optimizer and loader to load it."""
-    cfg = parse_args(flags("--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")))
+    cfg, _ = parse_args(flags("--data_dir", syn_dir, "--out_dir", str(tmp_path / "out")))
     model, optimizer, loader = build(cfg)
     checkpoint.save_checkpoint(cfg.out_dir, cfg.keep_last, 1, model, optimizer, loader, Dist())
     return cfg, os.path.join(cfg.out_dir, "ckpt_000001"), (model, optimizer, loader, Dist())
@@ -416,7 +416,7 @@ def test_interrupted_line_before_and_after_the_first_checkpoint(tmp_path):
     from checkpoint import interrupted_line
     out = tmp_path / "run"
     out.mkdir()
-    cfg = parse_args(["--out_dir", str(out), "--ckpt_interval", "50"])
+    cfg, _ = parse_args(["--out_dir", str(out), "--ckpt_interval", "50"])
     argv = ["--ckpt_interval", "50", "--overwrite", "true", "--out_dir", str(out)]
     assert interrupted_line(argv, cfg) == ("interrupted before the first checkpoint; start over with: python "
                                            f"train_gpt2.py --ckpt_interval 50 --out_dir {out} --overwrite true")

@@ -30,13 +30,13 @@ def test_fsdp_with_float16_is_refused_naming_both_flags(monkeypatch):
     from cli import ConfigError
     from config import parse_args, validate
     with pytest.raises(ConfigError, match="--parallel fsdp with float16"):
-        validate(parse_args(["--parallel", "fsdp", "--dtype", "float16", "--device", "cpu"]), world_size=2)
-    validate(parse_args(["--parallel", "fsdp", "--dtype", "bfloat16", "--device", "cpu"]), world_size=2)
-    validate(parse_args(["--parallel", "ddp", "--dtype", "float16", "--device", "cpu"]), world_size=2)
+        validate(parse_args(["--parallel", "fsdp", "--dtype", "float16", "--device", "cpu"])[0], world_size=2)
+    validate(parse_args(["--parallel", "fsdp", "--dtype", "bfloat16", "--device", "cpu"])[0], world_size=2)
+    validate(parse_args(["--parallel", "ddp", "--dtype", "float16", "--device", "cpu"])[0], world_size=2)
     monkeypatch.setattr("config.resolve_device", lambda device: "cuda:0")
     monkeypatch.setattr(runtime.torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
     with pytest.raises(ConfigError, match="--parallel fsdp with float16"):
-        validate(parse_args(["--parallel", "fsdp", "--compile", "false"]), world_size=2)
+        validate(parse_args(["--parallel", "fsdp", "--compile", "false"])[0], world_size=2)
 
 
 def test_head_vocab_values_and_what_it_cannot_go_with():
@@ -44,7 +44,7 @@ def test_head_vocab_values_and_what_it_cannot_go_with():
     erased, and FSDP shards those rows; a typo, or the frequency cut N this version no longer has, is named."""
     from cli import ConfigError
     from config import parse_args, validate
-    assert parse_args(["--preset", "shakespeare"]).head_vocab == "train" and parse_args([]).head_vocab == "full"
+    assert parse_args(["--preset", "shakespeare"])[0].head_vocab == "train" and parse_args([])[0].head_vocab == "full"
     for argv, msg in ((["--head_vocab", "trian"], "--head_vocab: expected full or train, got 'trian'"),
                       (["--head_vocab", "8191"], "--head_vocab: expected full or train, got '8191'"),
                       (["--head_vocab", "train", "--init_from", "gpt2"], "would erase gpt2's"),
@@ -53,8 +53,8 @@ def test_head_vocab_values_and_what_it_cannot_go_with():
                       (["--head_vocab", "train", "--parallel", "fsdp"],
                        "--head_vocab train: works with --parallel ddp")):
         with pytest.raises(ConfigError, match=msg):
-            validate(parse_args(argv + ["--device", "cpu"]), world_size=2)
-    validate(parse_args(["--preset", "shakespeare", "--device", "cpu"]), world_size=1)
+            validate(parse_args(argv + ["--device", "cpu"])[0], world_size=2)
+    validate(parse_args(["--preset", "shakespeare", "--device", "cpu"])[0], world_size=1)
 
 
 def test_abbreviated_flags_are_refused_naming_the_full_flag():
@@ -62,7 +62,7 @@ def test_abbreviated_flags_are_refused_naming_the_full_flag():
     flag (or flags) it begins; the full flag works as --max_steps 5 and --max_steps=5."""
     from cli import ConfigError
     from config import parse_args
-    assert parse_args(["--max_steps", "5"]).max_steps == parse_args(["--max_steps=5"]).max_steps == 5
+    assert parse_args(["--max_steps", "5"])[0].max_steps == parse_args(["--max_steps=5"])[0].max_steps == 5
     for argv, msg in ((["--max_step", "5"], "unrecognized arguments: --max_step 5 (did you mean --max_steps?)"),
                       (["--max_step=5"], "unrecognized arguments: --max_step=5 (did you mean --max_steps?)"),
                       (["--n_", "3"], "unrecognized arguments: --n_ 3 (did you mean one of --n_embd, --n_head, "

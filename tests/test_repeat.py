@@ -62,13 +62,15 @@ def busy_core():
 @pytest.mark.parametrize("compile", ["true", "false"])
 def test_the_same_command_twice_gives_the_same_bits(tmp_path, syn_dir, compile):
     """No --dtype, --loss or --deterministic: the rules pick them (the start line says which and why), and the
-    second run, beside a busy core, logs exactly the first one's numbers."""
+    second run, beside a busy core, logs exactly the first one's numbers and samples the same text. Compiled, the
+    evals and sampling run under compile too (HellaSwag under compile: test_compile_ddp)."""
     args = [a for a in SYN if a not in ("--dtype", "float32")] + ["--data_dir", syn_dir, "--max_steps", 8,
-                                                                   "--compile", compile]
+                                                                   "--compile", compile, "--sample_interval", 4,
+                                                                   "--sample_tokens", 8, "--sample_prompt", "a"]
     a = ok(run(args + ["--out_dir", tmp_path / "a"]))
     spin = busy_core()
     try:
-        ok(run(args + ["--out_dir", tmp_path / "b"]))
+        b = ok(run(args + ["--out_dir", tmp_path / "b"]))
     finally:
         spin.kill()
     start = next(line for line in a.stdout.splitlines() if line.startswith("device "))
@@ -76,6 +78,9 @@ def test_the_same_command_twice_gives_the_same_bits(tmp_path, syn_dir, compile):
                                                  "loss fused (eager on CPU)") in start, start
     assert " bf16" not in start or "native" in start
     assert events(tmp_path / "a") == events(tmp_path / "b")
+    assert [e["step"] for e in events(tmp_path / "a") if "val_loss" in e] == [0, 3, 6, 7]
+    samples = [line for line in a.stdout.splitlines() if line.startswith("sample: ")]
+    assert len(samples) == 4 and samples == [line for line in b.stdout.splitlines() if line.startswith("sample: ")]
 
 
 def test_deterministic_algorithms_make_a_compiled_embedding_backward_repeat():
@@ -227,7 +232,7 @@ def test_a_run_moves_between_world_sizes(tmp_path, syn_dir, parallel):
 def test_a_world_size_the_batch_does_not_divide_is_refused_naming_those_that_do():
     from cli import ConfigError
     from config import parse_args, validate
-    cfg = parse_args(["--total_batch_size", "1024", "--batch_size", "8", "--seq_len", "64", "--device", "cpu"])
+    cfg, _ = parse_args(["--total_batch_size", "1024", "--batch_size", "8", "--seq_len", "64", "--device", "cpu"])
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match=r"\(world sizes that work at this batch size: 1, 2\)$"):
         validate(cfg, world_size=3)

@@ -29,15 +29,16 @@ def metrics(out_dir, key):
 
 
 def test_flags_presets_and_overrides():
-    cfg = parse_args([])
+    cfg, _ = parse_args([])
     assert cfg == TrainConfig()  # gpt2-124m: build-nanogpt's recipe
     assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_lr, cfg.min_lr, cfg.warmup_steps,
             cfg.max_steps, cfg.weight_decay, cfg.grad_clip, cfg.vocab_size, cfg.eval_interval) == \
         (524288, 64, 1024, 6e-4, 6e-5, 715, 19073, 0.1, 1.0, 50304, 250)
-    cfg = parse_args(["--preset", "shakespeare", "--max_steps=7", "--compile", "false", "--max_lr", "5e-4"])
+    cfg, given = parse_args(["--preset", "shakespeare", "--max_steps=7", "--compile", "false", "--max_lr", "5e-4"])
     assert (cfg.max_steps, cfg.compile, cfg.max_lr) == (7, False, 5e-4)
+    assert given == {"preset", "max_steps", "compile", "max_lr"} and not hasattr(cfg, "given")  # kept beside cfg
     assert cfg.n_embd == PRESETS["shakespeare"]["n_embd"] and cfg.data_dir == "data/shards/shakespeare"
-    assert parse_args(["--preset=gpt2-xl"]).n_layer == 48
+    assert parse_args(["--preset=gpt2-xl"])[0].n_layer == 48
 
 
 def test_help_lists_every_field_with_its_default():
@@ -156,7 +157,7 @@ def test_head_vocab_train_learns_like_the_full_head_and_saves_a_gpt2(head_runs, 
 
 
 def test_finetune_preset_defaults():
-    cfg = parse_args(["--preset", "finetune", "--data_dir", "data/shards/mine"])
+    cfg, _ = parse_args(["--preset", "finetune", "--data_dir", "data/shards/mine"])
     assert (cfg.init_from, cfg.data_dir, cfg.out_dir, cfg.compile, cfg.hellaswag_interval) == \
         ("gpt2", "data/shards/mine", "out-ft", True, 0)
     assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.max_lr, cfg.min_lr,
@@ -164,7 +165,7 @@ def test_finetune_preset_defaults():
     assert cfg.eval_interval <= 25 and cfg.ckpt_interval <= 50 and cfg.sample_interval <= 50
     assert cfg.keep_last * cfg.ckpt_interval >= cfg.max_steps  # every checkpoint is kept
     assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len) == 0  # grad accum 4 on one GPU
-    assert parse_args(["--preset", "finetune", "--init_from", "out-ft", "--max_lr", "1e-4"]).max_lr == 1e-4
+    assert parse_args(["--preset", "finetune", "--init_from", "out-ft", "--max_lr", "1e-4"])[0].max_lr == 1e-4
 
 
 def test_finetune_own_text_lowers_val_loss(tmp_path):
@@ -223,9 +224,9 @@ def one_error(code, err, *parts):
 
 def test_resume_path_writes_where_its_checkpoint_lives(tmp_path):
     run_dir = tmp_path / "runX"
-    assert parse_args(["--resume", str(run_dir / "ckpt_000010")]).out_dir == str(run_dir)
-    assert parse_args(["--resume", str(run_dir / "ckpt_000010"), "--out_dir", "elsewhere"]).out_dir == "elsewhere"
-    assert parse_args(["--resume", "auto"]).out_dir == "out"
+    assert parse_args(["--resume", str(run_dir / "ckpt_000010")])[0].out_dir == str(run_dir)
+    assert parse_args(["--resume", str(run_dir / "ckpt_000010"), "--out_dir", "elsewhere"])[0].out_dir == "elsewhere"
+    assert parse_args(["--resume", "auto"])[0].out_dir == "out"
 
 
 def test_fresh_run_into_a_finished_run_is_refused_then_overwritten_on_request(tmp_path, shakespeare_dir, capsys):
@@ -263,6 +264,8 @@ def test_two_runs_into_one_out_dir_at_once_are_refused(tmp_path, shakespeare_dir
 
 @pytest.mark.parametrize("extra, message", [
     (["--sample_interval", "1", "--sample_prompt", ""], "--sample_prompt: empty"),
+    (["--sample_interval", "1", "--vocab_size", "256"], "--sample_prompt \"Hello, I'm a language model,\" holds token "
+     "15496, beyond the model's 256 ids; give text of smaller ids, or --sample_interval 0"),
     (["--max_lr", "inf"], "--max_lr: must be a finite number"),
     (["--min_lr", "nan"], "--min_lr: must be a finite number"),
     (["--seed", "-1"], "--seed: must be in 0..4294967295"),
@@ -434,7 +437,7 @@ def test_load_checkpoint_restores_python_and_numpy_rngs(tmp_path, shakespeare_di
     from optim import configure_optimizers
     from runtime import Dist
     from train_gpt2 import build_model
-    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1))
+    cfg, _ = parse_args(tiny(shakespeare_dir, tmp_path / "out", "--max_steps", 1))
     os.makedirs(cfg.out_dir)
     model = build_model(cfg)
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.max_lr)
@@ -527,7 +530,7 @@ def test_grad_accumulation_equals_one_larger_batch(tmp_path, shakespeare_dir, ca
 
     # Step 0 against the gradient computed here: model(x, y) on the first 4 sequences, then clipped as the
     # trainer's --grad_clip 1.0 clips it (the logged norm is the pre-clip one).
-    cfg = parse_args(tiny(shakespeare_dir, tmp_path / "unused"))
+    cfg, _ = parse_args(tiny(shakespeare_dir, tmp_path / "unused"))
     ref = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, n_embd=cfg.n_embd))
     ref.load_state_dict(init4)
@@ -614,7 +617,7 @@ def test_time_budget_fixes_max_steps_once_and_a_resume_keeps_it(tmp_path, shakes
     losses = metrics(whole, "train_loss")
     assert [s for s, _ in losses] == list(range(9)) and (BUDGET_PROBE, 9) in metrics(whole, "max_steps")
     lrs = dict(metrics(whole, "lr"))
-    cfg = parse_args(tiny(shakespeare_dir, whole, *args))
+    cfg, _ = parse_args(tiny(shakespeare_dir, whole, *args))
     assert lrs[8] == pytest.approx(get_lr(8, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, 9)) and lrs[8] < lrs[7]  # the
     # cosine ends at step 8, not 999
     meta = json.loads((whole / "ckpt_000009" / "trainer.json").read_text())

@@ -26,7 +26,7 @@ from runtime import Dist  # noqa: E402
 
 
 def main():
-    cfg = parse_args(sys.argv[1:])
+    cfg, _ = parse_args(sys.argv[1:])
     d = Dist(device="cpu")
     torch.manual_seed(cfg.seed)
     model = train_gpt2.build_model(cfg)
