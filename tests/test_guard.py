@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from data.shards import write_shard
 from optim import SpikeGuard, configure_optimizers, step_unless
+from test_train import train_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -20,11 +21,17 @@ TINY = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "3
         "--hellaswag_interval", "0", "--sample_interval", "0", "--compile", "false"]
 
 
-def run(args):
+def run(args, capsys=None):
+    """A training run: its stdout. With capsys, in this process (eager runs: no interpreter and torch import to
+    pay for); without, in a process of its own (compiled runs: dynamo's caches start empty)."""
+    if capsys is not None:
+        code, out, err = train_main(args, capsys)
+        assert code == 0, err[-3000:]
+        return out
     r = subprocess.run([sys.executable, "train_gpt2.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return r.stdout
 
 
 def events(out_dir):
@@ -71,37 +78,38 @@ def pattern_then_noise(d, n_pattern, n_noise):
     return str(d)
 
 
-def test_the_trainer_skips_at_a_switch_to_noise_and_goes_on(tmp_path):
+def test_the_trainer_skips_at_a_switch_to_noise_and_goes_on(tmp_path, capsys):
     """The data switch from a learned pattern to random tokens is a spike in the loss: the update is skipped,
     printed and logged with its reason, and training goes on; the run without the guard updates there."""
     data = pattern_then_noise(tmp_path / "d", 128 * 140, 128 * 30)  # 140 steps of pattern, then noise
     args = TINY + ["--data_dir", data, "--max_steps", 150, "--max_lr", "3e-3"]
-    r = run(args + ["--out_dir", tmp_path / "guarded"])
+    out = run(args + ["--out_dir", tmp_path / "guarded"], capsys)
     steps = events(tmp_path / "guarded")
     skipped = [e for e in steps if e.get("skipped")]
     assert skipped and all(e["step"] >= 140 for e in skipped), [(e["step"], e.get("reason")) for e in skipped]
-    assert skipped[0]["reason"].startswith("spike: loss z ") and "update skipped" in r.stdout
+    assert skipped[0]["reason"].startswith("spike: loss z ") and "update skipped" in out
     assert len(steps) == 150 and os.path.exists(tmp_path / "guarded" / "model.safetensors")
-    run(args + ["--out_dir", tmp_path / "off", "--spike_z", 0])
+    run(args + ["--out_dir", tmp_path / "off", "--spike_z", 0], capsys)
     assert not any(e.get("skipped") for e in events(tmp_path / "off"))
 
 
 @pytest.mark.parametrize("compile, dtype, tol", [("false", "float32", 1e-6), ("true", "float32", 1e-5),
                                                  ("false", "bfloat16", 1e-6), ("false", "float16", 1e-6)])
-def test_activation_checkpointing_trains_the_same_model(tmp_path, compile, dtype, tol):
+def test_activation_checkpointing_trains_the_same_model(tmp_path, capsys, compile, dtype, tol):
     """Recomputing the blocks in backward changes no number beyond float32 rounding (eager 1e-6, compiled 1e-5),
     under bf16 and float16 autocast too (the recompute repeats the same ops)."""
     from conftest import write_syn_shards
     data = write_syn_shards(tmp_path / "d", (4000,), 2000)
     args = [a if a != "float32" else dtype for a in TINY] + ["--data_dir", data, "--max_steps", 4, "--compile",
                                                             compile, "--eval_interval", 2]
-    run(args + ["--out_dir", tmp_path / "plain"])
-    r = run(args + ["--out_dir", tmp_path / "ckpt", "--activation_checkpointing", "true"])
+    here = capsys if compile == "false" else None
+    run(args + ["--out_dir", tmp_path / "plain"], here)
+    out = run(args + ["--out_dir", tmp_path / "ckpt", "--activation_checkpointing", "true"], here)
     a, b = events(tmp_path / "plain"), events(tmp_path / "ckpt")
     for x, y in zip(a, b):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=tol, abs=tol), (x, y)
         assert x["norm"] == pytest.approx(y["norm"], rel=10 * tol), (x, y)
-    assert len(a) == len(b) == 4 and "done:" in r.stdout
+    assert len(a) == len(b) == 4 and "done:" in out
 
 
 def test_out_of_memory_in_the_first_step_is_one_line_naming_what_fits(tmp_path, monkeypatch, capsys):
@@ -153,15 +161,15 @@ def test_activation_checkpointing_under_torchrun(tmp_path, parallel):
     assert len(outs["true"]) == 3
 
 
-def test_activation_checkpointing_resumes_exactly(tmp_path):
+def test_activation_checkpointing_resumes_exactly(tmp_path, capsys):
     """With activation checkpointing, a run stopped after 2 steps and resumed with --resume PATH logs the numbers of
     the uninterrupted run, bit for bit."""
     from conftest import write_syn_shards
     data = write_syn_shards(tmp_path / "d", (4000,), 2000)
     args = TINY + ["--data_dir", data, "--max_steps", 4, "--activation_checkpointing", "true", "--dropout", "0.1"]
-    run(args + ["--out_dir", tmp_path / "whole"])
-    run(args + ["--out_dir", tmp_path / "cut", "--run_steps", 2])
-    run(["--resume", tmp_path / "cut" / "ckpt_000002"])
+    run(args + ["--out_dir", tmp_path / "whole"], capsys)
+    run(args + ["--out_dir", tmp_path / "cut", "--run_steps", 2], capsys)
+    run(["--resume", tmp_path / "cut" / "ckpt_000002"], capsys)
     drop = ("dt_ms", "tokens_per_sec")
     assert [{k: v for k, v in e.items() if k not in drop} for e in events(tmp_path / "whole")] == \
         [{k: v for k, v in e.items() if k not in drop} for e in events(tmp_path / "cut")]
