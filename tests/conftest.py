@@ -64,6 +64,20 @@ def communicate(p, timeout):
         return out, err + f"\n[killed after {timeout} s]"
 
 
+def train_here(args, capsys):
+    """train_gpt2.main(args) in this process, as a CompletedProcess (returncode, stdout, stderr): a run with no
+    interpreter and torch import to pay for, where a process of its own is not the point."""
+    import train_gpt2
+    args, code = [str(a) for a in args], 0
+    capsys.readouterr()  # the output before the run is not the run's
+    try:
+        train_gpt2.main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["train_gpt2.py", *args], code, out, err)
+
+
 def write_syn_shards(d, train_sizes, val_size):
     """Random ids < 256 (seed 0): train shards of `train_sizes` tokens and one val shard, in directory d."""
     import numpy as np

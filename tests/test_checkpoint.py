@@ -25,7 +25,7 @@ import train_gpt2
 from checkpoint import list_checkpoints, load_checkpoint
 from cli import ConfigError
 from config import parse_args
-from conftest import ROOT, communicate, write_syn_shards
+from conftest import ROOT, communicate, train_here, write_syn_shards
 from data import DataError
 from data.shards import ShardLoader, shard_paths
 from model import GPT
@@ -128,19 +128,19 @@ def build(cfg):
 # ----- 1. resume is bit-exact -----
 
 @pytest.mark.parametrize("dtype, head", [("float32", "full"), ("bfloat16", "full"), ("float32", "train")])
-def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head):
+def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head, capsys):
     common = flags(*EXACT, "--data_dir", syn_dir, "--max_steps", 8, "--eval_interval", 2, "--ckpt_interval", 4,
                    "--head_vocab", head, dtype=dtype)  # train: the tied rows are restored too
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     chunk = common + ["--out_dir", b, "--run_steps", 4, "--resume", "auto"]  # the same command each time
-    ra, rb1 = finish(start(common + ["--out_dir", a]), start(chunk))
-    ok(ra), ok(rb1)
+    ok(train_here(common + ["--out_dir", a], capsys))
+    rb1 = ok(train_here(chunk, capsys))
     assert "resumed from" not in rb1.stdout  # nothing to resume yet: a fresh start
     assert ckpt_dirs(b) == ["ckpt_000004"]
     assert not os.path.exists(os.path.join(b, "model.safetensors"))  # the final model only at max_steps
     assert [s for s, _ in events(b, "train_loss")] == [0, 1, 2, 3]
 
-    rb2 = ok(run(chunk))
+    rb2 = ok(train_here(chunk, capsys))
     assert f"resumed from {b}/ckpt_000004 at step 4" in rb2.stdout
     assert os.path.exists(os.path.join(b, "model.safetensors"))
     assert ckpt_dirs(a) == ckpt_dirs(b) == ["ckpt_000004", "ckpt_000008"]
@@ -166,7 +166,7 @@ def test_resume_is_bit_exact(tmp_path, syn_dir, dtype, head):
     assert ta["rng"] == tb["rng"]
 
 
-def test_resume_keeps_the_head_vocab_and_refuses_to_change_it(tmp_path, syn_dir):
+def test_resume_keeps_the_head_vocab_and_refuses_to_change_it(tmp_path, syn_dir, capsys):
     """A resume keeps the checkpoint's --head_vocab when the flag is left out; another value is refused in one
     line (the rows it tied were trained as one), before any step runs."""
     from data.shards import token_counts
@@ -175,14 +175,15 @@ def test_resume_keeps_the_head_vocab_and_refuses_to_change_it(tmp_path, syn_dir)
                    "--out_dir", out)
     ids = token_counts(shard_paths(syn_dir, "train"), 256).nonzero()[0]
     assert 200 < len(ids) < 255  # a few of the 256 ids never occur in the 750 train tokens
-    assert f"head vocab: the {len(ids)} ids" in ok(run(common + ["--head_vocab", "train", "--run_steps", 3])).stdout
-    bad = run(common + ["--head_vocab", "full", "--resume", "auto"])
+    first = ok(train_here(common + ["--head_vocab", "train", "--run_steps", 3], capsys))
+    assert f"head vocab: the {len(ids)} ids" in first.stdout
+    bad = train_here(common + ["--head_vocab", "full", "--resume", "auto"], capsys)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: --head_vocab full: {out}/ckpt_000003 was trained with --head_vocab train, which cannot change "
         f"mid-run; leave the flag out, or start a new run from its weights "
         f"(--init_from {out}/ckpt_000003 --out_dir NEW)"]
     assert ckpt_dirs(out) == ["ckpt_000003"] and not os.path.exists(os.path.join(out, "model.safetensors"))
-    r = ok(run(common + ["--resume", "auto"]))  # the flag left out: the checkpoint's train, not the default (full)
+    r = ok(train_here(common + ["--resume", "auto"], capsys))  # the flag left out: the run's train, not full
     assert f"resumed from {out}/ckpt_000003 at step 3" in r.stdout and f"head vocab: the {len(ids)} ids" in r.stdout
     from safetensors.torch import load_file
     w = load_file(os.path.join(out, "model.safetensors"))["transformer.wte.weight"]  # (256, C)
@@ -191,11 +192,11 @@ def test_resume_keeps_the_head_vocab_and_refuses_to_change_it(tmp_path, syn_dir)
 
 # ----- 2. keep_last, the final model, and checkpoints as Hugging Face models -----
 
-def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir):
+def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir, capsys):
     out = str(tmp_path / "out")
     common = flags("--data_dir", syn_dir, "--out_dir", out, "--max_steps", 5, "--eval_interval", 5,
                    "--ckpt_interval", 1, "--keep_last", 2)
-    ok(run(common))
+    ok(train_here(common, capsys))
     assert ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]  # no .tmp_ckpt_* left either
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["ckpt_000004", "ckpt_000005"]
     for name in ("ckpt_000004", "ckpt_000005"):
@@ -214,11 +215,11 @@ def test_keep_last_and_checkpoints_load_as_models(tmp_path, syn_dir):
     # resuming from the older one would mix two lines: refused, unless the later one is dropped (--overwrite), and
     # then the step is run again as it was; metrics.jsonl holds the resumed line, each step once
     first = last(out, "train_loss")
-    bad = run(common + ["--resume", os.path.join(out, "ckpt_000004")])
+    bad = train_here(common + ["--resume", os.path.join(out, "ckpt_000004")], capsys)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: --resume {out}/ckpt_000004: {out} holds later checkpoints of this run (ckpt_000005); to branch from "
         "it, give --out_dir NEW, or drop the later ones with --overwrite true"]
-    r = ok(run(common + ["--resume", os.path.join(out, "ckpt_000004"), "--overwrite", "true"]))
+    r = ok(train_here(common + ["--resume", os.path.join(out, "ckpt_000004"), "--overwrite", "true"], capsys))
     assert (f"--overwrite: deleting {out}/ckpt_000005" in r.stdout
             and f"resumed from {out}/ckpt_000004 at step 4" in r.stdout)
     assert ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]

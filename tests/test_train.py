@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import PRESETS, TrainConfig, parse_args
-from conftest import ROOT, spy_on_the_step
+from conftest import ROOT, spy_on_the_step, train_here
 from model import GPT
 from optim import get_lr
 
@@ -200,14 +200,8 @@ def test_finetune_own_text_lowers_val_loss(tmp_path):
 
 def train_main(args, capsys):
     """train_gpt2.main(args) in this process: (exit code, stdout, stderr)."""
-    import train_gpt2
-    code = 0
-    try:
-        train_gpt2.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    r = train_here(args, capsys)
+    return r.returncode, r.stdout, r.stderr
 
 
 def tiny(data_dir, out_dir, *extra):
