@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, communicate, write_syn_shards
+from conftest import ROOT, communicate, train_here, write_syn_shards
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SYN = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64",
@@ -173,17 +173,17 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, syn_dir):
     assert last.startswith("interrupted") and ("--resume" in last or "--overwrite true" in last), last
 
 
-def test_a_branch_never_mixes_with_its_run(tmp_path, syn_dir):
+def test_a_branch_never_mixes_with_its_run(tmp_path, syn_dir, capsys):
     """Resuming from an older checkpoint is refused in its own out_dir (naming both ways out); in a new out_dir
     it starts a branch there, and the run it came from is untouched."""
     out, branch = tmp_path / "run", tmp_path / "branch"
     common = SYN + ["--data_dir", syn_dir, "--max_steps", 6, "--compile", "false", "--ckpt_interval", 2]
-    ok(run(common + ["--out_dir", out]))
+    ok(train_here(common + ["--out_dir", out], capsys))
     before = {n: sorted(os.listdir(out / n)) for n in os.listdir(out) if n.startswith("ckpt_")}
-    bad = run(["--resume", out / "ckpt_000004", "--max_lr", "1e-3"])
+    bad = train_here(["--resume", out / "ckpt_000004", "--max_lr", "1e-3"], capsys)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "holds later checkpoints of this run (ckpt_000006)" in bad.stderr and "--out_dir NEW" in bad.stderr
-    r = ok(run(["--resume", out / "ckpt_000004", "--max_lr", "1e-3", "--out_dir", branch]))
+    r = ok(train_here(["--resume", out / "ckpt_000004", "--max_lr", "1e-3", "--out_dir", branch], capsys))
     assert "note: --max_lr 0.001 overrides the run's 0.01" in r.stdout
     assert {n: sorted(os.listdir(out / n)) for n in os.listdir(out) if n.startswith("ckpt_")} == before
     assert [e["step"] for e in events(branch) if "train_loss" in e] == [4, 5]  # the branch's own steps
@@ -195,31 +195,32 @@ def test_frozen_flags_are_refused_and_others_said(tmp_path, syn_dir, capsys):
     Anything else wins with a note."""
     import train_gpt2
     out = tmp_path / "out"
-    ok(run(SYN + ["--data_dir", syn_dir, "--max_steps", 4, "--run_steps", 2, "--compile", "false", "--out_dir", out]))
+    ok(train_here(SYN + ["--data_dir", syn_dir, "--max_steps", 4, "--run_steps", 2, "--compile", "false", "--out_dir",
+                         out], capsys))
     for flag, value in (("--seed", 1), ("--n_embd", 64), ("--seq_len", 32), ("--data_dir", tmp_path)):
         with pytest.raises(SystemExit) as e:  # in this process: refused before anything runs
             train_gpt2.main(["--resume", "auto", "--out_dir", str(out), flag, str(value)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.strip().splitlines() == [err.strip()], err
         assert err.startswith(f"error: {flag} {value}: ") and "cannot change mid-run" in err, err
-    r = ok(run(["--resume", "auto", "--out_dir", out, "--grad_clip", "0.5", "--weight_decay", "0.05"]))
+    r = ok(train_here(["--resume", "auto", "--out_dir", out, "--grad_clip", "0.5", "--weight_decay", "0.05"], capsys))
     assert "note: --grad_clip 0.5 overrides the run's 1.0" in r.stdout and "resumed from" in r.stdout
     groups = torch.load(out / "ckpt_000004" / "trainer.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # the flag reached AdamW, not only the note
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_run_moves_between_world_sizes(tmp_path, syn_dir, parallel):
+def test_a_run_moves_between_world_sizes(tmp_path, syn_dir, parallel, capsys):
     """Checkpointed on 2 gloo ranks, resumed in 1 process, then on 2 ranks again: the data goes on from the same
     global position (the loader's stream is global), and every loss equals the uninterrupted one-process run's
     within float32 rounding."""
     common = SYN + ["--data_dir", syn_dir, "--max_steps", 6, "--compile", "false", "--ckpt_interval", 2,
                     "--batch_size", 4]  # 1,024 tokens a step: grad accum 4 on one rank, 2 on each of two
     one = tmp_path / "one"
-    ok(run(common + ["--out_dir", one]))
+    ok(train_here(common + ["--out_dir", one], capsys))
     moved = tmp_path / "moved"
     ok(torchrun(common + ["--out_dir", moved, "--run_steps", 2, "--parallel", parallel]))
-    r = ok(run(["--resume", moved / "ckpt_000002", "--run_steps", 2]))  # one process: an fsdp run goes on unsharded
+    r = ok(train_here(["--resume", moved / "ckpt_000002", "--run_steps", 2], capsys))  # fsdp goes on unsharded
     assert "grad accum 4" in r.stdout and "resumed from" in r.stdout and "x1 ddp" in r.stdout
     ok(torchrun(["--resume", moved / "ckpt_000004"] + (["--parallel", parallel] if parallel == "fsdp" else [])))
     a, b = events(one), events(moved)

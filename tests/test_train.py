@@ -168,7 +168,7 @@ def test_finetune_preset_defaults():
     assert parse_args(["--preset", "finetune", "--init_from", "out-ft", "--max_lr", "1e-4"])[0].max_lr == 1e-4
 
 
-def test_finetune_own_text_lowers_val_loss(tmp_path):
+def test_finetune_own_text_lowers_val_loss(tmp_path, capsys):
     """Own text (one .txt through fineweb.py) fine-tunes a pretrained (random tiny HF) model; a second run
     continues from the first's out_dir, read from its newest checkpoint."""
     from conftest import make_hf
@@ -182,16 +182,16 @@ def test_finetune_own_text_lowers_val_loss(tmp_path):
               "--dtype", "float32", "--seq_len", "64", "--batch_size", "4", "--total_batch_size", "512",
               "--val_steps", "2", "--max_lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "2"]
     out = str(tmp_path / "out")
-    r = run(common + ["--init_from", hf_dir, "--out_dir", out, "--max_steps", "8", "--eval_interval", "4",
-                      "--sample_interval", "4", "--sample_tokens", "4", "--ckpt_interval", "4"], timeout=300)
+    r = train_here(common + ["--init_from", hf_dir, "--out_dir", out, "--max_steps", "8", "--eval_interval", "4",
+                             "--sample_interval", "4", "--sample_tokens", "4", "--ckpt_interval", "4"], capsys)
     assert r.returncode == 0, r.stderr
     val = metrics(out, "val_loss")
     assert [s for s, _ in val] == [0, 4, 7] and val[-1][1] < val[0][1], val
     assert r.stdout.count("sample: 'ROMEO:\\n") == 4
     os.remove(os.path.join(out, "model.safetensors"))
     os.remove(os.path.join(out, "config.json"))  # now only ckpt_000004 and ckpt_000008 are left
-    r = run(common + ["--init_from", out, "--out_dir", str(tmp_path / "out2"), "--max_steps", "1",
-                      "--sample_interval", "0"], timeout=300)
+    r = train_here(common + ["--init_from", out, "--out_dir", str(tmp_path / "out2"), "--max_steps", "1",
+                             "--sample_interval", "0"], capsys)
     assert r.returncode == 0, r.stderr
     assert metrics(tmp_path / "out2", "val_loss")[0][1] < val[0][1]
 
