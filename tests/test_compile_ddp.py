@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import HELLASWAG, ROOT, write_hellaswag
+from conftest import HELLASWAG, ROOT, train_here, write_hellaswag
 from model import GPT
 from test_train import TINY, metrics, rel_err, run, tiny, train_main
 
@@ -38,7 +38,7 @@ def test_torchrun_with_one_rank_destroys_its_process_group(tmp_path, shakespeare
             destroy()
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
+def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir, capsys):
     """Same global batch of 8 sequences: 1 process x 4 micro steps of 2 == 2 gloo ranks x 2 micro steps of 2
     (grad accum = 512 / (2 * 64 * world)). Train loss, the pre-clip grad norm (which AdamW would hide a wrong
     gradient scale behind, e.g. averaging over ranks twice) and val loss all match. --val_steps counts batches of
@@ -47,7 +47,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, shakespeare_dir):
     common = TINY + ["--data_dir", shakespeare_dir, "--max_steps", "6", "--eval_interval", "3",
                      "--compile", "false", "--device", "cpu", "--batch_size", "2",
                      "--hellaswag_interval", "3", "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl")]
-    single = run(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "7"], timeout=300)
+    single = train_here(common + ["--out_dir", str(tmp_path / "one"), "--val_steps", "7"], capsys)
     assert single.returncode == 0, single.stderr
     assert "grad accum 4 |" in single.stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
