@@ -961,8 +961,7 @@ def parse_args(argv=None):
             p.error(f"unknown benchmark {what!r}: expected any of {', '.join(WHAT)}")
     args.what = args.what or list(DEFAULT)
     for name in ("n_layer", "n_head", "n_embd", "batch", "seq_len", "steps", "gen_batch", "prompt_len", "new_tokens",
-                 "loader_batches", "docs", "repeats", "budget", "time_limit",
-                 "val_batches"):
+                 "loader_batches", "docs", "repeats", "budget", "time_limit", "val_batches"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name}: must be positive, got {getattr(args, name)}")
     if args.json:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, train_here
 from data.shards import write_shard
 from optim import SpikeGuard, configure_optimizers, step_unless
-from test_train import train_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -24,12 +23,9 @@ TINY = ["--vocab_size", "256", "--n_layer", "2", "--n_head", "2", "--n_embd", "3
 def run(args, capsys=None):
     """A training run: its stdout. With capsys, in this process (eager runs: no interpreter and torch import to
     pay for); without, in a process of its own (compiled runs: dynamo's caches start empty)."""
-    if capsys is not None:
-        code, out, err = train_main(args, capsys)
-        assert code == 0, err[-3000:]
-        return out
-    r = subprocess.run([sys.executable, "train_gpt2.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       env=ENV, timeout=600)
+    r = train_here(args, capsys) if capsys is not None else subprocess.run(
+        [sys.executable, "train_gpt2.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=ENV,
+        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
